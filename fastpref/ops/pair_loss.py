@@ -1,0 +1,410 @@
+"""Fused pair-error + preference-loss kernel family (Triton).
+
+Math (``shared/DESIGN.md`` §1–§2; the readable form is :mod:`fastpref.reference`)::
+
+    e_θ[k]   = mean_S (model_pred[k] − target[k])²        k = 0 … 2B−1 (winners, then losers)
+    e_ref[k] = mean_S (ref_pred[k]   − target[k])²        (or a precomputed ref_err)
+    u_i      = −½·β·((e_θ[w_i] − e_θ[l_i]) − (e_ref[w_i] − e_ref[l_i]))
+    ℓ_i      = ℓ(u_i)            sigmoid / hinge / ipo / dmpo, chosen by the LOSS constexpr
+    ∂ℓ_i/∂model_pred[k] = ∂ℓ_i/∂e_θ[k] · 2·(model_pred[k] − target[k]) / D
+
+Three launches per training step:
+
+1. ``_pair_err_fwd_kernel`` — grid (B, SPLITS). Program (i, s) reads split s of the winner and loser
+   rows of ``model_pred``, ``ref_pred`` and ``target`` (the target row once when it is shared) and
+   writes four fp32 partial sums of squares. Splitting S keeps a GPU busy when 2B is small (8–32
+   samples of 16 K–1 M elements); partials, not atomics, keep the result bit-reproducible.
+2. ``_pair_loss_finalize_kernel`` — one program: sums the partials in a fixed order, computes the
+   errors, u, ℓ, ∂ℓ/∂e_θ and the reduced loss. Touches O(B·SPLITS) bytes.
+3. ``_pair_err_bwd_kernel`` — grid (B, SPLITS): re-reads ``model_pred`` and ``target`` and writes
+   the gradient. Recomputing moves the same bytes as storing the gradient in the forward (Liger
+   style: 3N read + N write in forward, N read + N write in backward, against 3N + 3N here) while
+   needing no (2B, D) buffer between forward and backward, and never writes into a user's tensor.
+
+Bytes moved with N = 2B·D elements of size s: forward 3N·s (2.5N·s with a shared target, 1.5N·s with
+``ref_err``), backward 3N·s (2.5N·s shared). Gradients w.r.t. ``ref_pred``, ``target`` and ``ref_err``
+are not computed; the front end refuses inputs that require them.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "LOSS_IDS",
+    "interpreter_enabled",
+    "launch_config",
+    "pair_err_partials",
+    "pair_err_backward",
+    "fused_pair_loss",
+]
+
+#: constexpr ids of the per-pair losses (one kernel, many losses).
+LOSS_IDS = {"sigmoid": 0, "hinge": 1, "ipo": 2, "dmpo": 3}
+
+# Largest per-sample size addressed with int32 column offsets; row offsets are int64, so the
+# whole tensor may exceed 2**31 elements (video latents).
+MAX_ELEMENTS_PER_SAMPLE = 2**31 - 2**20
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton runs kernels on the CPU through its interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ----------------------------------------------------------------------------------------------
+# Numerics shared by the kernels. libdevice is unavailable in the interpreter, so log1p is
+# written out; every `where` is arranged so that a NaN input stays NaN.
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _log1p(z):
+    # Goldberg's log1p: log(w)·z/(w − 1) with w = 1 + z corrects the rounding of 1 + z.
+    w = 1.0 + z
+    d = w - 1.0
+    return tl.where(d == 0.0, z, tl.log(w) * (z / tl.where(d == 0.0, 1.0, d)))
+
+
+@triton.jit
+def _softplus(x):
+    # softplus(x) = max(x, 0) + log1p(exp(−|x|)): finite for |x| = 1e4, NaN stays NaN.
+    return tl.where(x < 0.0, 0.0, x) + _log1p(tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _sigmoid(x):
+    # σ(x) without overflow: exp of a non-positive number only.
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0.0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def _pair_loss_and_grad(d, beta, c0, c1, LOSS: tl.constexpr):
+    """ℓ and ∂ℓ/∂d for d = Δθ − Δref (so u = −½βd). c0, c1: per-loss constants from the host."""
+    u = -0.5 * beta * d
+    if LOSS == 0:  # sigmoid: ℓ = softplus(−u), ∂ℓ/∂u = −σ(−u)
+        loss = _softplus(-u)
+        dl_du = -_sigmoid(-u)
+        dl_dd = dl_du * (-0.5 * beta)
+    elif LOSS == 1:  # hinge: ℓ = relu(1 − u), ∂ℓ/∂u = −1[u < 1]
+        m = 1.0 - u
+        loss = tl.where(m < 0.0, 0.0, m)
+        dl_du = tl.where(u < 1.0, -1.0, 0.0)
+        dl_dd = dl_du * (-0.5 * beta)
+    elif LOSS == 2:  # ipo: ℓ = (h − c0)², h = −d, c0 = 1/(2β)
+        r = -d - c0
+        loss = r * r
+        dl_dd = -2.0 * r
+    else:  # dmpo: c0 = log(1 − α), c1 = log α; ∂ℓ/∂u = σ(u)σ(−u)(u − log((1−α)/α))
+        s_pos = _sigmoid(u)
+        s_neg = _sigmoid(-u)
+        loss = s_pos * (-_softplus(-u) - c0) + s_neg * (-_softplus(u) - c1)
+        dl_du = s_pos * s_neg * (u - (c0 - c1))
+        dl_dd = dl_du * (-0.5 * beta)
+    return u, loss, dl_dd
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _pair_err_fwd_kernel(
+    model_ptr,  # (2B, D) model_pred rows, unit column stride, row stride stride_m
+    ref_ptr,  # (2B, D) ref_pred rows (read only when HAS_REF)
+    target_ptr,  # (2B, D) target rows, or (B, D) when SHARED_TARGET
+    partial_ptr,  # (2, 2B, SPLITS) fp32 out: Σ(model − target)², Σ(ref − target)² per split
+    B,  # number of pairs
+    D,  # elements per sample
+    CHUNK,  # elements per split, a multiple of BLOCK
+    stride_m,
+    stride_r,
+    stride_t,
+    SPLITS: tl.constexpr,
+    HAS_REF: tl.constexpr,
+    SHARED_TARGET: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pair = tl.program_id(0).to(tl.int64)  # int64 row offsets: the tensor may exceed 2**31
+    split = tl.program_id(1)
+    win = pair
+    lose = pair + B
+    t_lose = pair if SHARED_TARGET else lose
+    start = split * CHUNK
+    end = tl.minimum(start + CHUNK, D)
+    cols = tl.arange(0, BLOCK)
+
+    acc_mw = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_ml = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_rw = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_rl = tl.zeros([BLOCK], dtype=tl.float32)
+    for off in range(start, end, BLOCK):
+        idx = off + cols
+        mask = idx < end
+        # load in the storage dtype, do all math in fp32 (bf16 math is wrong in the interpreter
+        # and imprecise everywhere)
+        tw = tl.load(target_ptr + win * stride_t + idx, mask=mask, other=0.0).to(tl.float32)
+        if SHARED_TARGET:
+            tlo = tw
+        else:
+            tlo = tl.load(target_ptr + t_lose * stride_t + idx, mask=mask, other=0.0).to(tl.float32)
+        dw = tl.load(model_ptr + win * stride_m + idx, mask=mask, other=0.0).to(tl.float32) - tw
+        dl = tl.load(model_ptr + lose * stride_m + idx, mask=mask, other=0.0).to(tl.float32) - tlo
+        acc_mw += dw * dw
+        acc_ml += dl * dl
+        if HAS_REF:
+            rw = tl.load(ref_ptr + win * stride_r + idx, mask=mask, other=0.0).to(tl.float32) - tw
+            rl = tl.load(ref_ptr + lose * stride_r + idx, mask=mask, other=0.0).to(tl.float32) - tlo
+            acc_rw += rw * rw
+            acc_rl += rl * rl
+
+    tl.store(partial_ptr + win * SPLITS + split, tl.sum(acc_mw, axis=0))
+    tl.store(partial_ptr + lose * SPLITS + split, tl.sum(acc_ml, axis=0))
+    if HAS_REF:
+        ref_plane = 2 * B * SPLITS
+        tl.store(partial_ptr + ref_plane + win * SPLITS + split, tl.sum(acc_rw, axis=0))
+        tl.store(partial_ptr + ref_plane + lose * SPLITS + split, tl.sum(acc_rl, axis=0))
+
+
+@triton.jit
+def _pair_loss_finalize_kernel(
+    partial_ptr,  # (2, 2B, SPLITS) fp32 partial sums from _pair_err_fwd_kernel
+    ref_err_ptr,  # (2B,) precomputed reference errors (read only when not HAS_REF)
+    err_ptr,  # (2, 2B) fp32 out: e_θ, e_ref
+    u_ptr,  # (B,) fp32 out: margin u_i
+    loss_ptr,  # (B,) fp32 out: ℓ_i
+    dl_de_ptr,  # (2B,) fp32 out: ∂ℓ_i/∂e_θ[k] (+∂ℓ/∂d for winners, −∂ℓ/∂d for losers)
+    total_ptr,  # (1,) fp32 out: scale · Σ_i ℓ_i
+    B,
+    inv_D,  # 1 / D
+    beta,
+    c0,  # per-loss constants, see _pair_loss_and_grad
+    c1,
+    scale,  # 1/B for reduction="mean", else 1
+    LOSS: tl.constexpr,
+    HAS_REF: tl.constexpr,
+    SPLITS: tl.constexpr,
+    SPLITS_P2: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    splits = tl.arange(0, SPLITS_P2)
+    split_mask = splits < SPLITS
+    total = tl.zeros([BLOCK_B], dtype=tl.float32)
+    for start in range(0, B, BLOCK_B):
+        i = start + tl.arange(0, BLOCK_B)
+        m = i < B
+        m2 = m[:, None] & split_mask[None, :]
+        w_off = i[:, None] * SPLITS + splits[None, :]
+        l_off = (i[:, None] + B) * SPLITS + splits[None, :]
+        mw = tl.sum(tl.load(partial_ptr + w_off, mask=m2, other=0.0), axis=1) * inv_D
+        ml = tl.sum(tl.load(partial_ptr + l_off, mask=m2, other=0.0), axis=1) * inv_D
+        if HAS_REF:
+            ref_plane = 2 * B * SPLITS
+            rw = tl.sum(tl.load(partial_ptr + ref_plane + w_off, mask=m2, other=0.0), axis=1) * inv_D
+            rl = tl.sum(tl.load(partial_ptr + ref_plane + l_off, mask=m2, other=0.0), axis=1) * inv_D
+        else:
+            rw = tl.load(ref_err_ptr + i, mask=m, other=0.0).to(tl.float32)
+            rl = tl.load(ref_err_ptr + B + i, mask=m, other=0.0).to(tl.float32)
+        u, loss, dl_dd = _pair_loss_and_grad((mw - ml) - (rw - rl), beta, c0, c1, LOSS)
+
+        tl.store(err_ptr + i, mw, mask=m)
+        tl.store(err_ptr + B + i, ml, mask=m)
+        tl.store(err_ptr + 2 * B + i, rw, mask=m)
+        tl.store(err_ptr + 3 * B + i, rl, mask=m)
+        tl.store(u_ptr + i, u, mask=m)
+        tl.store(loss_ptr + i, loss, mask=m)
+        tl.store(dl_de_ptr + i, dl_dd, mask=m)
+        tl.store(dl_de_ptr + B + i, -dl_dd, mask=m)
+        total += tl.where(m, loss, 0.0)
+    tl.store(total_ptr, tl.sum(total, axis=0) * scale)
+
+
+@triton.jit
+def _pair_err_bwd_kernel(
+    model_ptr,  # (2B, D) model_pred rows (re-read: the gradient is recomputed, not stored)
+    target_ptr,  # (2B, D) or shared (B, D) target rows
+    grad_ptr,  # (2B, D) out: ∂L/∂model_pred, contiguous, model_pred's dtype
+    dl_de_ptr,  # (2B,) fp32 ∂ℓ/∂e_θ[k] of the pair (or sample) k belongs to
+    grad_out_ptr,  # (1,) or (B,) upstream gradient of the loss
+    B,
+    D,
+    CHUNK,
+    stride_m,
+    stride_t,
+    coef,  # 2/D · (1/B for "mean")
+    GRAD_PER_PAIR: tl.constexpr,  # reduction="none": one upstream gradient per pair
+    SHARED_TARGET: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pair = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    win = pair
+    lose = pair + B
+    t_lose = pair if SHARED_TARGET else lose
+    if GRAD_PER_PAIR:
+        g = tl.load(grad_out_ptr + pair).to(tl.float32) * coef
+    else:
+        g = tl.load(grad_out_ptr).to(tl.float32) * coef
+    cw = g * tl.load(dl_de_ptr + win)
+    cl = g * tl.load(dl_de_ptr + lose)
+    start = split * CHUNK
+    end = tl.minimum(start + CHUNK, D)
+    cols = tl.arange(0, BLOCK)
+    for off in range(start, end, BLOCK):
+        idx = off + cols
+        mask = idx < end
+        tw = tl.load(target_ptr + win * stride_t + idx, mask=mask, other=0.0).to(tl.float32)
+        if SHARED_TARGET:
+            tlo = tw
+        else:
+            tlo = tl.load(target_ptr + t_lose * stride_t + idx, mask=mask, other=0.0).to(tl.float32)
+        pw = tl.load(model_ptr + win * stride_m + idx, mask=mask, other=0.0).to(tl.float32)
+        pl = tl.load(model_ptr + lose * stride_m + idx, mask=mask, other=0.0).to(tl.float32)
+        gw = cw * (pw - tw)
+        gl = cl * (pl - tlo)
+        tl.store(grad_ptr + win * D + idx, gw.to(grad_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_ptr + lose * D + idx, gl.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    # queried on first launch, never at import
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def launch_config(num_pairs: int, numel: int, device: torch.device, num_splits: int | None = None):
+    """Pick ``(BLOCK, num_warps, splits, chunk)`` for B pairs of ``numel`` elements per sample.
+
+    On a GPU: 2048-element blocks (8 fp32 / 16-byte bf16 vectors per thread at 8 warps), and enough
+    splits of S for ~4 programs per SM, each at least two blocks long. In the interpreter every tl op
+    costs ~0.3 ms per program whatever its width, so one wide block per sample and no splits.
+    ``num_splits`` overrides the split count (tests use it to cover the split path on the CPU).
+    """
+    if device.type == "cuda" and not interpreter_enabled():
+        block, num_warps = 2048, 8
+        if num_splits is None:
+            want = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+            num_splits = max(1, min(triton.cdiv(want, num_pairs), triton.cdiv(numel, 2 * block), 64))
+    else:
+        block, num_warps = min(triton.next_power_of_2(numel), 16384), 4
+        num_splits = num_splits or 1
+    chunk = triton.cdiv(triton.cdiv(numel, num_splits), block) * block
+    splits = triton.cdiv(numel, chunk)  # no empty splits
+    return block, num_warps, splits, chunk
+
+
+def _rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``x`` as ``(n, D)`` rows with unit column stride: a view when the sample dims are
+    contiguous (any row stride, e.g. a slice of a larger batch), one explicit copy otherwise."""
+    x2 = x.reshape(n, -1)
+    return x2 if x2.stride(1) == 1 or x2.shape[1] == 1 else x2.contiguous()
+
+
+def pair_err_partials(model2d, ref2d, target2d, num_pairs, cfg):
+    """Launch the forward kernel: ``(2, 2B, SPLITS)`` fp32 partial sums of squares."""
+    block, num_warps, splits, chunk = cfg
+    n, numel = model2d.shape
+    shared = target2d.shape[0] != n
+    has_ref = ref2d is not None
+    partial = torch.empty((2, n, splits), dtype=torch.float32, device=model2d.device)
+    ref_arg = ref2d if has_ref else model2d
+    _pair_err_fwd_kernel[(num_pairs, splits)](
+        model2d, ref_arg, target2d, partial,
+        num_pairs, numel, chunk,
+        model2d.stride(0), ref_arg.stride(0), target2d.stride(0),
+        SPLITS=splits, HAS_REF=has_ref, SHARED_TARGET=shared, BLOCK=block, num_warps=num_warps,
+    )  # fmt: skip
+    return partial
+
+
+def pair_err_backward(model2d, target2d, dl_de, grad_out, coef, num_pairs, cfg):
+    """Launch the backward kernel: ``grad[k] = grad_out · coef · dl_de[k] · (model[k] − target[k])``."""
+    block, num_warps, splits, chunk = cfg
+    n, numel = model2d.shape
+    grad = torch.empty((n, numel), dtype=model2d.dtype, device=model2d.device)
+    grad_out = grad_out.to(torch.float32).contiguous()
+    _pair_err_bwd_kernel[(num_pairs, splits)](
+        model2d, target2d, grad, dl_de, grad_out,
+        num_pairs, numel, chunk, model2d.stride(0), target2d.stride(0), coef,
+        GRAD_PER_PAIR=grad_out.numel() > 1, SHARED_TARGET=target2d.shape[0] != n,
+        BLOCK=block, num_warps=num_warps,
+    )  # fmt: skip
+    return grad
+
+
+def _loss_constants(loss: str, beta: float, alpha: float) -> tuple[float, float]:
+    if loss == "ipo":
+        return 1.0 / (2.0 * beta), 0.0
+    if loss == "dmpo":
+        return math.log1p(-alpha), math.log(alpha)
+    return 0.0, 0.0
+
+
+class FusedPairLoss(torch.autograd.Function):
+    """Autograd wrapper: ``(model_pred, ref_pred | None, target, ref_err | None) → loss``.
+
+    Outputs ``(loss, margin, errors)``: the reduced (or per-pair) loss, u ``(B,)`` and the
+    ``(2, 2B)`` fp32 errors (e_θ, e_ref); only the loss is differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, model_pred, ref_pred, target, ref_err, loss, beta, alpha, reduction, num_splits):
+        n = model_pred.shape[0]
+        num_pairs = n // 2
+        model2d = _rows(model_pred, n)
+        target2d = _rows(target, target.shape[0])
+        ref2d = _rows(ref_pred, n) if ref_pred is not None else None
+        numel = model2d.shape[1]
+        cfg = launch_config(num_pairs, numel, model2d.device, num_splits)
+        partial = pair_err_partials(model2d, ref2d, target2d, num_pairs, cfg)
+
+        dev = model2d.device
+        err = torch.empty((2, n), dtype=torch.float32, device=dev)
+        u = torch.empty(num_pairs, dtype=torch.float32, device=dev)
+        losses = torch.empty(num_pairs, dtype=torch.float32, device=dev)
+        dl_de = torch.empty(n, dtype=torch.float32, device=dev)
+        total = torch.empty((), dtype=torch.float32, device=dev)
+        c0, c1 = _loss_constants(loss, beta, alpha)
+        splits = cfg[2]
+        splits_p2 = triton.next_power_of_2(splits)
+        _pair_loss_finalize_kernel[(1,)](
+            partial, ref_err if ref_err is not None else partial, err, u, losses, dl_de, total,
+            num_pairs, 1.0 / numel, beta, c0, c1, 1.0 / num_pairs if reduction == "mean" else 1.0,
+            LOSS=LOSS_IDS[loss], HAS_REF=ref2d is not None, SPLITS=splits, SPLITS_P2=splits_p2,
+            BLOCK_B=max(1, min(triton.next_power_of_2(num_pairs), 4096 // splits_p2)),
+        )  # fmt: skip
+
+        ctx.save_for_backward(model2d, target2d, dl_de)
+        ctx.cfg = cfg
+        ctx.shape = model_pred.shape
+        ctx.coef = 2.0 / numel / (num_pairs if reduction == "mean" else 1)
+        ctx.mark_non_differentiable(u, err)
+        out = losses if reduction == "none" else total
+        return out, u, err
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_u, _grad_err):
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 9
+        model2d, target2d, dl_de = ctx.saved_tensors
+        grad = pair_err_backward(model2d, target2d, dl_de, grad_loss, ctx.coef, model2d.shape[0] // 2, ctx.cfg)
+        return (grad.view(ctx.shape),) + (None,) * 8
+
+
+@torch.compiler.disable
+def fused_pair_loss(loss, model_pred, ref_pred, target, ref_err, *, beta, alpha, reduction, num_splits=None):
+    """Run the fused kernel family on validated inputs; returns ``(loss, margin, errors)``."""
+    return FusedPairLoss.apply(model_pred, ref_pred, target, ref_err, loss, beta, alpha, reduction, num_splits)
