@@ -320,3 +320,13 @@ def test_gpu_large_latent_split_and_int64_offsets():
     ref = fastpref.dpo_loss(model_pred.detach(), None, target, ref_err=ref_err, beta=1000.0, backend="torch")
     torch.testing.assert_close(loss, ref.float(), rtol=1e-4, atol=1e-5)
     assert torch.isfinite(model_pred.grad).all()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_autocast_does_not_downcast_the_reduction(backend, device):
+    model_pred, ref_pred, target, beta = make_pairs(2, (4, 6), torch.float32, device)
+    expected = fastpref.dmpo_loss(model_pred, ref_pred, target, beta=beta, backend=backend)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+        got = fastpref.dmpo_loss(model_pred, ref_pred, target, beta=beta, backend=backend)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
