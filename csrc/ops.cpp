@@ -54,3 +54,9 @@ TORCH_LIBRARY(fastpref, m) {
   // ∂L/∂model_pred = grad_out · coef · dl_de[k] · (model_pred[k] − target[k]), model_pred's dtype.
   m.def("pair_loss_bwd(Tensor grad_out, Tensor model_pred, Tensor target, Tensor dl_de, int reduction) -> Tensor");
 }
+
+// pair_loss_bwd is not differentiable (no double backward): autograd passes through it, so its
+// output does not require grad and a second backward fails loudly instead of silently.
+TORCH_LIBRARY_IMPL(fastpref, Autograd, m) {
+  m.impl("pair_loss_bwd", torch::CppFunction::makeFallthrough());
+}

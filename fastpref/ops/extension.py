@@ -95,8 +95,10 @@ def load() -> bool:
     return _state[0]
 
 
+@torch.compiler.assume_constant_result  # evaluated once at trace time: no graph break, no build inside a graph
 def has_kernel(device_type: str) -> bool:
-    """True when the loaded library has a kernel for ``device_type`` (``"cpu"`` or ``"cuda"``)."""
+    """True when the loaded library has a kernel for ``device_type`` (``"cpu"`` or ``"cuda"``); the
+    first call may build it."""
     return load() and torch._C._dispatch_has_kernel_for_dispatch_key("fastpref::pair_loss_fwd", device_type.upper())
 
 
