@@ -52,9 +52,7 @@ __all__ = [
     "Case",
     "DeviceFacts",
     "Provider",
-    "bytes_moved",
     "discover_providers",
-    "make_inputs",
     "measure",
     "measure_device",
     "peak_memory",
@@ -78,7 +76,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 COLUMNS = (
     "timestamp", "device", "device_name", "threads", "torch", "triton", "op", "provider", "loss",
     "mode", "shape", "sample_shape", "pairs", "dtype", "target", "ref", "elements", "bytes_moved",
-    "ms_median", "ms_p20", "ms_p80", "reps", "gbps", "pct_copy_bw", "copy_gbps", "launch_us",
+    "ms_median", "ms_p20", "ms_p80", "reps", "cpu_ms_median", "gbps", "pct_copy_bw", "copy_gbps", "launch_us",
     "floor_ms", "x_floor", "speedup_vs_eager", "speedup_vs_compile", "peak_mem_mb", "rel_err_vs_eager",
     "load_avg",
 )  # fmt: skip
@@ -87,6 +85,11 @@ COLUMNS = (
 # ----------------------------------------------------------------------------------------------
 # Cases and their inputs
 # ----------------------------------------------------------------------------------------------
+
+LossFn = Callable[..., torch.Tensor]  # fn(**inputs) -> scalar loss
+BETA = 5000.0  # Diffusion-DPO's published β (the values do not change the work)
+ALPHA = 0.01  # DMPO's SD1.5/SDXL α; unused by the DPO kinds
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +102,7 @@ class Case:
     target: str = "full"  # "full": (2B, *S); "shared": (B, *S), one target per pair
     ref: str = "ref_pred"  # "ref_pred": (2B, *S) reference prediction; "ref_err": precomputed (2B,)
     loss: str = "sigmoid"  # "sigmoid" | "hinge" | "ipo" (dpo_loss kinds) | "dmpo"
+    op = "pair_loss"  # a class constant, not a field
 
     def __post_init__(self):
         if self.shape not in SHAPES:
@@ -130,78 +134,86 @@ class Case:
     def label(self) -> str:
         return f"{self.shape}×{self.pairs} {self.dtype} target={self.target} {self.ref} {self.loss}"
 
+    def fields(self) -> dict:
+        """The CSV columns that describe the case."""
+        return {
+            "op": self.op, "loss": self.loss, "shape": self.shape,
+            "sample_shape": "×".join(map(str, self.sample_shape)), "pairs": self.pairs, "dtype": self.dtype,
+            "target": self.target, "ref": self.ref, "elements": self.elements,
+        }  # fmt: skip
 
-def bytes_moved(case: Case, mode: str) -> int:
-    """Bytes an ideal implementation must move (see the module docstring)."""
-    n_s = case.elements * torch.tensor([], dtype=case.torch_dtype).element_size()
-    t = 0.5 if case.target == "shared" else 1.0
-    r = 1.0 if case.ref == "ref_pred" else 0.0
-    fwd = (1.0 + r + t) * n_s
-    bwd = (2.0 + t) * n_s
+    def bytes_moved(self, mode: str) -> int:
+        """Bytes an ideal implementation must move (see the module docstring)."""
+        n_s = self.elements * _itemsize(self.torch_dtype)
+        t = 0.5 if self.target == "shared" else 1.0
+        r = 1.0 if self.ref == "ref_pred" else 0.0
+        return _by_mode(mode, (1.0 + r + t) * n_s, (2.0 + t) * n_s)
+
+    def inputs(self, device: torch.device, seed: int = 0) -> dict:
+        """Random inputs shaped like a training step: the reference is a noisy predictor of the target
+        and the model a small perturbation of the reference (errors O(1)). Built in place, in the
+        case's dtype, so a video-scale case needs no fp64 copy."""
+        g = torch.Generator(device=device)
+        g.manual_seed(seed)
+        n, b, s, dt = 2 * self.pairs, self.pairs, self.sample_shape, self.torch_dtype
+        target = torch.randn((b if self.target == "shared" else n, *s), generator=g, dtype=dt, device=device)
+        ref_pred = torch.randn((n, *s), generator=g, dtype=dt, device=device)
+        ref_pred.view(2, b, *s).add_(target.view(-1, b, *s))  # (2|1, B, *S): full or shared target
+        model_pred = torch.randn((n, *s), generator=g, dtype=dt, device=device).mul_(0.3).add_(ref_pred)
+        model_pred.requires_grad_(True)
+        inputs = {"model_pred": model_pred, "ref_pred": ref_pred, "target": target, "ref_err": None}
+        if self.ref == "ref_err":
+            inputs["ref_err"] = reference.pair_errors(ref_pred, target)
+            inputs["ref_pred"] = None
+        return inputs
+
+    def eager(self) -> LossFn:
+        """The reference, as diffusers and the Salesforce code compute it (upcast, square, mean over S,
+        chunk, margin, ``logsigmoid``)."""
+        loss, alpha = self.loss, ALPHA
+
+        def pair_loss_eager(model_pred, ref_pred, target, ref_err):
+            return reference.pair_loss_ref(
+                loss, model_pred, ref_pred, target, ref_err=ref_err, beta=BETA, alpha=alpha
+            )[0]
+
+        return pair_loss_eager
+
+    def fastpref(self, backend: str) -> LossFn:
+        if self.loss == "dmpo":
+            return functools.partial(_dmpo, beta=BETA, alpha=ALPHA, backend=backend)
+        return functools.partial(_dpo, beta=BETA, kind=self.loss, backend=backend)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _by_mode(mode: str, fwd: float, bwd: float) -> int:
     return int({"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode])
-
-
-def make_inputs(case: Case, device: torch.device, seed: int = 0) -> dict:
-    """Random inputs shaped like a training step: the reference is a noisy predictor of the target
-    and the model a small perturbation of the reference (errors O(1)). Built in place, in the case's
-    dtype, so a video-scale case needs no fp64 copy."""
-    g = torch.Generator(device=device)
-    g.manual_seed(seed)
-    n, b, s, dt = 2 * case.pairs, case.pairs, case.sample_shape, case.torch_dtype
-    target = torch.randn((b if case.target == "shared" else n, *s), generator=g, dtype=dt, device=device)
-    ref_pred = torch.randn((n, *s), generator=g, dtype=dt, device=device)
-    ref_pred.view(2, b, *s).add_(target.view(-1, b, *s))  # (2|1, B, *S): full or shared target
-    model_pred = torch.randn((n, *s), generator=g, dtype=dt, device=device).mul_(0.3).add_(ref_pred)
-    model_pred.requires_grad_(True)
-    inputs = {"model_pred": model_pred, "ref_pred": ref_pred, "target": target, "ref_err": None}
-    if case.ref == "ref_err":
-        inputs["ref_err"] = reference.pair_errors(ref_pred, target)
-        inputs["ref_pred"] = None
-    return inputs
 
 
 # ----------------------------------------------------------------------------------------------
 # Providers
 # ----------------------------------------------------------------------------------------------
 
-LossFn = Callable[..., torch.Tensor]  # (model_pred, ref_pred, target, ref_err) -> scalar loss
-
-
 @dataclasses.dataclass(frozen=True)
 class Provider:
-    """A way to compute the loss. ``build(case)`` returns ``fn(model_pred, ref_pred, target, ref_err)``."""
+    """A way to compute a case's loss: ``build(case)`` returns ``fn(**case.inputs(device))``."""
 
     name: str
-    build: Callable[[Case], LossFn]
+    build: Callable
 
 
-BETA = 5000.0  # Diffusion-DPO's published β (the values do not change the work)
-ALPHA = 0.01  # DMPO's SD1.5/SDXL α; unused by the DPO kinds
-
-
-def _eager(case: Case) -> LossFn:
-    def fn(model_pred, ref_pred, target, ref_err):
-        return reference.pair_loss_ref(
-            case.loss, model_pred, ref_pred, target, ref_err=ref_err, beta=BETA, alpha=ALPHA
-        )[0]
-
-    return fn
-
-
-def _compiled(case: Case) -> LossFn:
+def _compiled(case) -> LossFn:
     # A fresh dynamo cache per case: static shapes (what a trainer with a fixed resolution gets)
     # without hitting the recompile limit, past which dynamo would silently fall back to eager.
     torch._dynamo.reset()
-    return torch.compile(_eager(case), dynamic=False)
+    return torch.compile(case.eager(), dynamic=False)
 
 
-def _fastpref(backend: str) -> Callable[[Case], LossFn]:
-    def build(case: Case) -> LossFn:
-        if case.loss == "dmpo":
-            return functools.partial(_dmpo, beta=BETA, alpha=ALPHA, backend=backend)
-        return functools.partial(_dpo, beta=BETA, kind=case.loss, backend=backend)
-
-    return build
+def _fastpref(backend: str) -> Callable:
+    return lambda case: case.fastpref(backend)
 
 
 def _dpo(model_pred, ref_pred, target, ref_err, **kw):
@@ -212,7 +224,7 @@ def _dmpo(model_pred, ref_pred, target, ref_err, **kw):
     return fastpref.dmpo_loss(model_pred, ref_pred, target, ref_err=ref_err, **kw)
 
 
-EAGER = Provider("torch", _eager)
+EAGER = Provider("torch", lambda case: case.eager())
 COMPILE = Provider("torch_compile", _compiled)
 
 
@@ -238,8 +250,8 @@ def discover_providers(device: torch.device, only: tuple[str, ...] | None = None
                 "per program): never timed"
             )
             continue
-        fn = _fastpref(backend)(probe_case)
-        inputs = make_inputs(probe_case, device)
+        fn = probe_case.fastpref(backend)
+        inputs = probe_case.inputs(device)
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -290,7 +302,8 @@ class _Sync:
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
-    def time_once(self, fn, arg) -> float:
+    def time_once(self, fn, arg) -> tuple[float, float]:
+        """(wall seconds, process CPU seconds — NaN on a GPU) of one call."""
         if self.cuda:
             self._flush.zero_()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -299,16 +312,26 @@ class _Sync:
             end.record()
             torch.cuda.synchronize(self.device)
             del out
-            return start.elapsed_time(end) / 1e3
-        t0 = time.perf_counter()
+            return start.elapsed_time(end) / 1e3, math.nan
+        c0, t0 = time.process_time(), time.perf_counter()
         out = fn(arg)
-        dt = time.perf_counter() - t0
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
         del out
-        return dt
+        return dt, dc
 
 
-def measure(fn, device: torch.device, *, setup=None, timing: Timing = Timing()) -> np.ndarray:
-    """Seconds per call of ``fn(setup())``; ``setup`` runs untimed before every call."""
+@dataclasses.dataclass(frozen=True)
+class Samples:
+    """Per-call times in seconds: ``wall`` (CUDA events on a GPU, ``perf_counter`` on a CPU) and, on a
+    CPU, ``cpu``, the CPU time of all the process's threads — unlike wall time it does not count the
+    time the benchmark waits for a core that other processes hold."""
+
+    wall: np.ndarray
+    cpu: np.ndarray
+
+
+def measure(fn, device: torch.device, *, setup=None, timing: Timing = Timing()) -> Samples:
+    """Times of ``fn(setup())``; ``setup`` runs untimed before every call."""
     s = _Sync(device)
     setup = setup or (lambda: None)
     for _ in range(timing.warmup):
@@ -319,8 +342,9 @@ def measure(fn, device: torch.device, *, setup=None, timing: Timing = Timing()) 
         arg = setup()
         s.sync()
         times.append(s.time_once(fn, arg))
-        spent += times[-1]
-    return np.asarray(times)
+        spent += times[-1][0]
+    wall, cpu = zip(*times)
+    return Samples(np.asarray(wall), np.asarray(cpu))
 
 
 def peak_memory(fn, device: torch.device, *, setup=None) -> int:
@@ -411,7 +435,7 @@ def measure_device(device: torch.device, copy_mib: int | None = None) -> DeviceF
     src = torch.ones(copy_mib * 2**20 // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     t = measure(lambda _: dst.copy_(src), device, timing=Timing(warmup=3, min_reps=10, max_reps=50, budget_s=0.5))
-    copy_gbps = 2 * src.numel() * 4 / float(np.median(t)) / 1e9
+    copy_gbps = 2 * src.numel() * 4 / float(np.median(t.wall)) / 1e9
     del src, dst
     one = torch.zeros(1, device=device)
     t = measure(lambda _: one.add_(1.0), device, timing=Timing(warmup=10, min_reps=200, max_reps=2000, budget_s=0.05))
@@ -422,7 +446,7 @@ def measure_device(device: torch.device, copy_mib: int | None = None) -> DeviceF
         torch=torch.__version__,
         triton=_triton_version(),
         copy_gbps=copy_gbps,
-        launch_us=float(np.median(t)) * 1e6,
+        launch_us=float(np.median(t.wall)) * 1e6,
     )
 
 
@@ -431,12 +455,12 @@ def measure_device(device: torch.device, copy_mib: int | None = None) -> DeviceF
 # ----------------------------------------------------------------------------------------------
 
 
-def _mode_fns(loss_fn: LossFn, inputs: dict, mode: str):
+def mode_fns(loss_fn: LossFn, inputs: dict, mode: str):
     """``(setup, timed)`` for a mode; the gradient is reset untimed before every repetition."""
     x = inputs["model_pred"]
 
     def call():
-        return loss_fn(x, inputs["ref_pred"], inputs["target"], inputs["ref_err"])
+        return loss_fn(**inputs)
 
     def clear():
         x.grad = None
@@ -459,7 +483,7 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run_case(
-    case: Case,
+    case,
     providers,
     device: torch.device,
     facts: DeviceFacts,
@@ -475,7 +499,7 @@ def run_case(
     (``rel_err_vs_eager``): a fast wrong answer is not a result. A provider that fails on this case
     (e.g. out of memory) is recorded in ``skipped`` as ``"provider case": reason``.
     """
-    inputs = make_inputs(case, device)
+    inputs = case.inputs(device)
     x = inputs["model_pred"]
     ref_out = None
     rows = []
@@ -484,7 +508,7 @@ def run_case(
         try:
             loss_fn = provider.build(case)
             x.grad = None
-            loss = loss_fn(x, inputs["ref_pred"], inputs["target"], inputs["ref_err"])  # compiles, if it does
+            loss = loss_fn(**inputs)  # compiles, if it does
             loss.backward()
             out = (loss.detach(), x.grad.detach().clone())
             x.grad = None
@@ -493,11 +517,11 @@ def run_case(
             rel = max(_rel_err(out[0], ref_out[0]), _rel_err(out[1], ref_out[1])) if ref_out else float("nan")
             del loss, out
             for mode in modes:
-                setup, timed = _mode_fns(loss_fn, inputs, mode)
+                setup, timed = mode_fns(loss_fn, inputs, mode)
                 t = measure(timed, device, setup=setup, timing=timing)
                 peak = peak_memory(timed, device, setup=setup) if memory else float("nan")
                 rows.append(_row(stamp, facts, provider.name, case, mode, t, peak, rel))
-        except (torch.OutOfMemoryError, RuntimeError) as exc:
+        except Exception as exc:  # noqa: BLE001 — e.g. out of memory, or a backend without this op
             if skipped is None:
                 raise
             skipped[f"{provider.name} {case.label()}"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
@@ -509,9 +533,9 @@ def run_case(
     return rows
 
 
-def _row(stamp, facts: DeviceFacts, provider: str, case: Case, mode: str, t: np.ndarray, peak, rel) -> dict:
-    med, p20, p80 = (float(v) for v in np.quantile(t, [0.5, 0.2, 0.8]))
-    nbytes = bytes_moved(case, mode)
+def _row(stamp, facts: DeviceFacts, provider: str, case, mode: str, t: Samples, peak, rel) -> dict:
+    med, p20, p80 = (float(v) for v in np.quantile(t.wall, [0.5, 0.2, 0.8]))
+    nbytes = case.bytes_moved(mode)
     gbps = nbytes / med / 1e9
     # the floor: at least one launch, at least the bytes at copy bandwidth
     floor = max(facts.launch_us * 1e-6, nbytes / (facts.copy_gbps * 1e9))
@@ -522,22 +546,15 @@ def _row(stamp, facts: DeviceFacts, provider: str, case: Case, mode: str, t: np.
         "threads": facts.threads,
         "torch": facts.torch,
         "triton": facts.triton,
-        "op": "pair_loss",
         "provider": provider,
-        "loss": case.loss,
         "mode": mode,
-        "shape": case.shape,
-        "sample_shape": "×".join(map(str, case.sample_shape)),
-        "pairs": case.pairs,
-        "dtype": case.dtype,
-        "target": case.target,
-        "ref": case.ref,
-        "elements": case.elements,
+        **case.fields(),
         "bytes_moved": nbytes,
         "ms_median": med * 1e3,
         "ms_p20": p20 * 1e3,
         "ms_p80": p80 * 1e3,
-        "reps": len(t),
+        "reps": len(t.wall),
+        "cpu_ms_median": float(np.median(t.cpu)) * 1e3,
         "gbps": gbps,
         "pct_copy_bw": 100.0 * gbps / facts.copy_gbps,
         "copy_gbps": facts.copy_gbps,

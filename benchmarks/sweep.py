@@ -105,11 +105,14 @@ def run(
     timing: Timing | None = None,
     threads: int | None = None,
     copy_mib: int | None = None,
+    shapes: tuple[str, ...] | None = None,
+    dtypes: tuple[str, ...] | None = None,
     log=print,
 ) -> dict:
     """Run a preset; returns ``{"rows", "skipped", "facts", "paths"}`` and writes the files.
 
-    ``threads`` sets ``torch.set_num_threads`` (CPU); ``copy_mib`` the size of the copy-bandwidth buffer.
+    ``threads`` sets ``torch.set_num_threads`` (CPU); ``copy_mib`` the size of the copy-bandwidth buffer;
+    ``shapes``/``dtypes`` keep only those cases of the preset (e.g. to split a long GPU run).
     """
     if threads is not None:
         torch.set_num_threads(threads)
@@ -120,7 +123,11 @@ def run(
     if bad:
         raise ValueError(f"modes must be among {MODES}, got {sorted(bad)}")
     timing = timing or PRESET_TIMING[preset]
-    cases = preset_cases(preset, loss)
+    cases = [
+        c
+        for c in preset_cases(preset, loss)
+        if (shapes is None or c.shape in shapes) and (dtypes is None or c.dtype in dtypes)
+    ]
     started = time.time()
 
     facts = harness.measure_device(device, copy_mib)
@@ -140,7 +147,9 @@ def run(
     if rpo:
         from benchmarks import rpo as rpo_bench
 
-        rpo_rows, why = rpo_bench.run(PRESET_RPO[preset], device, facts, modes=modes, timing=timing, memory=memory)
+        rpo_rows, why = rpo_bench.run(
+            PRESET_RPO[preset], found, device, facts, modes=modes, timing=timing, memory=memory, skipped=skipped, log=log
+        )
         if why:
             skipped["rpo"] = why
             log(f"skipped rpo: {why}")
@@ -162,10 +171,13 @@ def run(
     paths["json"].write_text(json.dumps(meta, indent=2) + "\n")
     paths["md"].write_text(markdown(rows, meta))
     if plot and rows:
-        from benchmarks.plot import plot_rows
-
-        paths["png"] = out.with_suffix(".png")
-        plot_rows(rows, facts, paths["png"])
+        try:
+            from benchmarks.plot import plot_rows
+        except ImportError as exc:  # a bare GPU image may lack matplotlib: keep the CSV, say so
+            log(f"no plot ({exc}); the CSV and the tables are written")
+        else:
+            paths["png"] = out.with_suffix(".png")
+            plot_rows(rows, facts, paths["png"])
     log(f"wrote {', '.join(str(p) for p in paths.values())} in {meta['elapsed_s']} s")
     return {"rows": rows, "skipped": skipped, "facts": facts, "paths": paths}
 
@@ -202,7 +214,7 @@ def markdown(rows, meta) -> str:
     if meta["skipped"]:
         lines += ["Skipped:", ""] + [f"- `{k}`: {v}" for k, v in meta["skipped"].items()] + [""]
     header = (
-        "| case | provider | median ms | p20–p80 ms | GB/s | % copy BW | × floor | vs eager | vs compile "
+        "| case | provider | median ms | p20–p80 ms | CPU ms | GB/s | % copy BW | × floor | vs eager | vs compile "
         "| peak MB | rel err | load |"
     )
     for op in dict.fromkeys(r["op"] for r in rows):
@@ -210,7 +222,7 @@ def markdown(rows, meta) -> str:
             sel = [r for r in rows if r["op"] == op and r["mode"] == mode]
             if not sel:
                 continue
-            lines += [f"## {op}, {mode}", "", header, "|" + " --- |" * 12]
+            lines += [f"## {op}, {mode}", "", header, "|" + " --- |" * 13]
             for r in sel:
                 case = (
                     f"{r['shape']}×{r['pairs']} {r['dtype']} {r['target']} {r['ref']}"
@@ -219,7 +231,7 @@ def markdown(rows, meta) -> str:
                 )
                 lines.append(
                     f"| {case} | {r['provider']} | {_fmt(r['ms_median'])} | "
-                    f"{_fmt(r['ms_p20'])}–{_fmt(r['ms_p80'])} | {_fmt(r['gbps'])} | {_fmt(r['pct_copy_bw'], '{:.0f}')} | "
+                    f"{_fmt(r['ms_p20'])}–{_fmt(r['ms_p80'])} | {_fmt(r['cpu_ms_median'])} | {_fmt(r['gbps'])} | {_fmt(r['pct_copy_bw'], '{:.0f}')} | "
                     f"{_fmt(r['x_floor'], '{:.1f}')} | {_fmt(r['speedup_vs_eager'], '{:.2f}')} | "
                     f"{_fmt(r['speedup_vs_compile'], '{:.2f}')} | {_fmt(r['peak_mem_mb'], '{:.1f}')} | "
                     f"{_fmt(r['rel_err_vs_eager'], '{:.1e}')} | {_fmt(r['load_avg'], '{:.1f}')} |"
@@ -236,6 +248,8 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of forward,backward,full")
     p.add_argument("--loss", default="sigmoid", choices=("sigmoid", "hinge", "ipo", "dmpo"))
     p.add_argument("--out", default=None, help="output prefix (default benchmarks/results/<preset>-<device>)")
+    p.add_argument("--shapes", default=None, help="comma-separated subset of " + ",".join(LATENTS))
+    p.add_argument("--dtypes", default=None, help="comma-separated subset of fp32,bf16")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on a CPU (default: torch's)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--no-plot", action="store_true")
@@ -252,6 +266,8 @@ def main(argv=None) -> int:
         plot=not args.no_plot,
         rpo=not args.no_rpo,
         threads=args.threads,
+        shapes=tuple(args.shapes.split(",")) if args.shapes else None,
+        dtypes=tuple(args.dtypes.split(",")) if args.dtypes else None,
     )
     return 0
 

@@ -13,18 +13,18 @@ from benchmarks import harness, sweep
 
 NUMERIC = (
     "elements", "bytes_moved", "ms_median", "ms_p20", "ms_p80", "reps", "gbps", "pct_copy_bw",
-    "copy_gbps", "launch_us", "floor_ms", "x_floor", "speedup_vs_eager", "peak_mem_mb",
+    "cpu_ms_median", "copy_gbps", "launch_us", "floor_ms", "x_floor", "speedup_vs_eager", "peak_mem_mb",
 )  # fmt: skip
 
 
 def test_bytes_moved_counts_each_tensor_once():
     d = 4 * 8 * 8
     full = harness.Case("tiny", 2)  # N = 4·d fp32 elements
-    assert harness.bytes_moved(full, "forward") == 3 * 4 * d * 4  # model, ref, target
-    assert harness.bytes_moved(full, "backward") == 3 * 4 * d * 4  # model, target in; grad out
+    assert full.bytes_moved("forward") == 3 * 4 * d * 4  # model, ref, target
+    assert full.bytes_moved("backward") == 3 * 4 * d * 4  # model, target in; grad out
     lean = harness.Case("tiny", 2, "bf16", "shared", "ref_err")
-    assert harness.bytes_moved(lean, "forward") == int(1.5 * 4 * d * 2)  # model + half a target
-    assert harness.bytes_moved(lean, "full") == int((1.5 + 2.5) * 4 * d * 2)
+    assert lean.bytes_moved("forward") == int(1.5 * 4 * d * 2)  # model + half a target
+    assert lean.bytes_moved("full") == int((1.5 + 2.5) * 4 * d * 2)
 
 
 def test_case_rejects_unknown_settings():
