@@ -1,0 +1,1 @@
+"""The fastpref trainer (DESIGN §5)."""
