@@ -15,8 +15,8 @@ Noising (DESIGN §1; each pair shares noise and timestep):
   (``epsilon``) or ``scheduler.get_velocity(x0, ε, t)`` (``v_prediction``); ``t`` uniform in
   ``[0, num_train_timesteps)``, as the diffusers DPO example.
 * Flow matching (``FlowMatchEulerDiscreteScheduler``, SD3/Flux): ``x_t = (1 − σ)·x0 + σ·ε``,
-  target ``ε − x0``, with ``σ = sigmas[i]``, ``t = timesteps[i]`` for ``i`` uniform (the SD3
-  example's ``weighting_scheme="none"``).
+  target ``ε − x0``, with ``σ = sigmas[i]``, ``t = timesteps[i]``, ``i = ⌊u·N⌋`` and ``u`` drawn as
+  the SD3 example does (``weighting_scheme``, default ``logit_normal``).
 """
 
 from __future__ import annotations
@@ -61,17 +61,43 @@ def _is_flow(scheduler) -> bool:
     return not hasattr(scheduler, "alphas_cumprod")
 
 
+WEIGHTING_SCHEMES = ("logit_normal", "mode", "none")
+
+
+def _timestep_sampling(scheduler, weighting_scheme: str) -> str:
+    if _is_flow(scheduler):
+        if weighting_scheme not in WEIGHTING_SCHEMES:
+            raise ValueError(f"weighting_scheme must be one of {WEIGHTING_SCHEMES}, got {weighting_scheme!r}")
+        return weighting_scheme
+    return "uniform"
+
+
 def sample_noise_and_timesteps(
-    scheduler, latent_shape: Sequence[int], pair_indices, epoch: int, seed: int
+    scheduler, latent_shape: Sequence[int], pair_indices, epoch: int, seed: int, *, weighting_scheme: str = "logit_normal"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Deterministic noise ``(B, *latent_shape)`` (fp32, CPU) and timestep indices ``(B,)`` for the
     pairs ``pair_indices`` at ``epoch``: one generator per pair, seeded from (seed, pair, epoch),
-    so a pair gets the same draw whatever the batch it lands in, the batch size or the device."""
+    so a pair gets the same draw whatever the batch it lands in, the batch size or the device.
+
+    DDPM: index uniform in ``[0, num_train_timesteps)``. Flow matching: ``u`` from diffusers'
+    ``compute_density_for_timestep_sampling(weighting_scheme)`` (the SD3 script's default
+    ``logit_normal``, mean 0, std 1), index ``⌊u·N⌋``.
+    """
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    scheme = _timestep_sampling(scheduler, weighting_scheme)
     num_train_timesteps = int(scheduler.config.num_train_timesteps)
     noise, t_index = [], []
     for p in torch.as_tensor(pair_indices).reshape(-1).tolist():
         g = torch.Generator().manual_seed(derive_seed(seed, p, epoch))
-        t_index.append(torch.randint(0, num_train_timesteps, (1,), generator=g))
+        if scheme == "uniform":
+            idx = torch.randint(0, num_train_timesteps, (1,), generator=g)
+        else:
+            u = compute_density_for_timestep_sampling(
+                scheme, 1, logit_mean=0.0, logit_std=1.0, mode_scale=1.29, generator=g
+            )
+            idx = (u * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
+        t_index.append(idx)
         noise.append(torch.randn(tuple(latent_shape), generator=g))
     return torch.stack(noise), torch.cat(t_index)
 
@@ -101,15 +127,18 @@ def noisy_latents_and_target(
     return scheduler.add_noise(x0, eps, idx), idx, target
 
 
-def reference_fingerprint(model: nn.Module, *, scheduler, seed: int, dataset_fingerprint: str) -> dict[str, str]:
+def reference_fingerprint(
+    model: nn.Module, *, scheduler, seed: int, dataset_fingerprint: str, weighting_scheme: str = "logit_normal"
+) -> dict[str, str]:
     """What cached reference errors depend on: the reference (base) model's config and weights —
-    peft adapters excluded —, the scheduler config, the dataset and the seed."""
+    peft adapters excluded —, the scheduler config and timestep sampling, the dataset and the seed."""
     if not isinstance(dataset_fingerprint, str) or not dataset_fingerprint:
         raise TypeError("dataset_fingerprint must be a non-empty string")
     return {
         "format": REF_CACHE_FORMAT,
         "model": module_fingerprint(model),
         "scheduler": config_fingerprint(scheduler.config),
+        "timestep_sampling": _timestep_sampling(scheduler, weighting_scheme),
         "dataset": dataset_fingerprint,
         "seed": str(int(seed)),
     }
@@ -128,6 +157,7 @@ def precompute_reference_errors(
     batch_size: int = 8,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    weighting_scheme: str = "logit_normal",
     progress: bool = True,
 ) -> "RefErrorCache":
     """Run the frozen reference over every pair for ``epochs`` epochs and cache its errors.
@@ -142,6 +172,7 @@ def precompute_reference_errors(
         dataset_fingerprint: identifies ``pairs`` (``LatentCache.dataset_fingerprint``).
         path: where to write the safetensors file (not written if None).
         device, dtype: where and in which dtype to run the model (default: the model's).
+        weighting_scheme: timestep sampling of flow-matching models (:func:`sample_noise_and_timesteps`).
 
     Returns:
         the :class:`RefErrorCache`, ``ref_err`` of shape ``(epochs, N, 2)`` in fp32 (fp64 for an
@@ -155,7 +186,9 @@ def precompute_reference_errors(
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")
-    fingerprint = reference_fingerprint(model, scheduler=scheduler, seed=seed, dataset_fingerprint=dataset_fingerprint)
+    fingerprint = reference_fingerprint(
+        model, scheduler=scheduler, seed=seed, dataset_fingerprint=dataset_fingerprint, weighting_scheme=weighting_scheme
+    )
     param = next(model.parameters())
     device = torch.device(device) if device is not None else param.device
     dtype = dtype or param.dtype
@@ -171,7 +204,9 @@ def precompute_reference_errors(
             for epoch, start in tqdm(steps, desc="reference errors", disable=not progress):
                 rows = torch.arange(start, min(start + batch_size, n))
                 x0, cond = stack_pairs([pairs[int(i)] for i in rows])
-                noise, t_index = sample_noise_and_timesteps(scheduler, x0.shape[1:], rows, epoch, seed)
+                noise, t_index = sample_noise_and_timesteps(
+                    scheduler, x0.shape[1:], rows, epoch, seed, weighting_scheme=weighting_scheme
+                )
                 x_t, timesteps, target = noisy_latents_and_target(scheduler, x0.to(device, work), noise, t_index)
                 cond = {k: v.to(device, dtype) for k, v in cond.items()}
                 pred = call_model(model, model_inputs(model, x_t.to(dtype), timesteps, cond))
@@ -278,6 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no")
+    parser.add_argument("--weighting_scheme", choices=WEIGHTING_SCHEMES, default="logit_normal",
+                        help="timestep sampling of flow-matching models (the training run's)")
     args = parser.parse_args(argv)
 
     # The latent cache's own fingerprint was checked when it was built; here it identifies the data.
@@ -294,6 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         dataset_fingerprint=latents.dataset_fingerprint,
         path=args.output,
         batch_size=args.batch_size,
+        weighting_scheme=args.weighting_scheme,
     )
     print(f"wrote {args.output}: reference errors for {cache.num_pairs} pairs × {cache.num_epochs} epochs")
     return 0
