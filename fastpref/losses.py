@@ -165,11 +165,11 @@ def _pair_loss(loss, model_pred, ref_pred, target, ref_err, beta, alpha, reducti
     check_pair_inputs(model_pred, ref_pred, target, ref_err)
     resolved = resolve_backend(backend, model_pred.device)
     if resolved == "triton":
-        from fastpref.ops.pair_loss import fused_pair_loss
+        from fastpref.ops.library import triton_pair_loss  # the Triton family as a torch.library op
 
         if ref_err is not None:
             ref_err = ref_err.contiguous()
-        out, u, err = fused_pair_loss(
+        out, u, err = triton_pair_loss(
             loss, model_pred, ref_pred, target, ref_err, beta=beta, alpha=alpha, reduction=reduction
         )
         model_err, ref_err_out = err[0], err[1]
