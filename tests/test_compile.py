@@ -8,6 +8,8 @@ torch.library.opcheck passes. Most tests use the aot_eager backend (dynamo + AOT
 the op contributes to compilation); one runs inductor end to end.
 """
 
+import math
+
 import pytest
 import torch
 from _pairs import LOSSES, make_pairs
@@ -191,5 +193,6 @@ def test_opcheck(loss, dtype, form, reduction):
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_opcheck_triton_op(reduction, device):
     model_pred, ref_pred, target, beta = make_pairs(2, (3, 5), torch.float32, device, shared=True, seed=4)
-    args = (model_pred.requires_grad_(True), ref_pred, target, None, "dmpo", beta, 0.05, reduction)
+    c0, c1 = math.log1p(-0.05), math.log(0.05)  # dmpo's constants at α = 0.05
+    args = (model_pred.requires_grad_(True), ref_pred, target, None, None, "dmpo", beta, c0, c1, reduction)
     torch.library.opcheck(torch.ops.fastpref.triton_pair_loss_fwd.default, args)

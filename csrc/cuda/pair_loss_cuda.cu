@@ -146,15 +146,15 @@ __global__ void __launch_bounds__(kThreads) pair_loss_finalize_kernel(
     const acc_t mw = s[0] * inv_d, ml = s[1] * inv_d;
     const acc_t rw = ref_err ? ref_err[i] : s[2] * inv_d;
     const acc_t rl = ref_err ? ref_err[i + B] : s[3] * inv_d;
-    const PairLoss<acc_t> p = pair_loss_and_grad<acc_t>((mw - ml) - (rw - rl), beta, c0, c1, loss);
+    const PairLoss<acc_t> p = pair_loss_and_grad<acc_t>(mw, ml, rw, rl, beta, c0, c1, loss);
     errors[i] = mw;
     errors[i + B] = ml;
     errors[n + i] = rw;
     errors[n + i + B] = rl;
     margin[i] = p.u;
     losses[i] = p.loss;
-    dl_de[i] = p.dl_dd;
-    dl_de[i + B] = -p.dl_dd;
+    dl_de[i] = p.dl_dmw;
+    dl_de[i + B] = p.dl_dml;
     sum[0] += p.loss;
   }
   block_sum<acc_t, 1>(sum);
