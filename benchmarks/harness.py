@@ -14,8 +14,16 @@ Providers
                        ``torch`` is the eager provider). Triton on a CPU runs only through its
                        interpreter, a correctness tool (~0.3 ms per op per program): never timed.
 
+Cases: :class:`Case` (the pair loss) and ``benchmarks.rpo.RpoCase`` (the RPO M×M loss) each know
+their inputs, their eager function, their fastpref call and their bytes moved; everything else here
+is shared.
+
 Modes: ``forward`` (the loss with ``model_pred.requires_grad``, as in training), ``backward``
 (``loss.backward()`` alone, the forward run untimed before each repetition), ``full`` (both).
+
+Times: wall time per call (CUDA events after an L2 flush on a GPU, ``perf_counter`` on a CPU), its
+median, p20 and p80; on a CPU also the median process CPU time, which — unlike wall time — does not
+grow while other processes hold the cores (the machines here are shared; each row records the load).
 
 Bytes moved (the floor any implementation must move; the same for every provider), with
 N = 2B·D elements of s bytes: forward reads ``model_pred``, ``ref_pred`` (not with ``ref_err``) and

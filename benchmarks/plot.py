@@ -1,5 +1,6 @@
 """The sweep's figure: achieved GB/s against bytes moved, one line per provider and one panel per
-mode, with the copy bandwidth measured in the same run as a dashed roofline; RPO time against M."""
+mode, with the copy bandwidth measured in the same run as a dashed roofline; RPO time against M.
+On a CPU a dotted line per provider gives bytes / process CPU time (see ``harness.Samples``)."""
 
 from __future__ import annotations
 
@@ -34,9 +35,14 @@ def plot_rows(rows, facts, path: Path) -> None:
         dtype, target, ref = main
         for ax, mode in zip(axes, MODES):
             for prov in dict.fromkeys(r["provider"] for r in sel):
-                pts = sorted((r["bytes_moved"] / 2**20, r["gbps"]) for r in sel if r["provider"] == prov and r["mode"] == mode)
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", label=prov)
+                mine = sorted((r for r in sel if r["provider"] == prov and r["mode"] == mode), key=lambda r: r["bytes_moved"])
+                if not mine:
+                    continue
+                mib = [r["bytes_moved"] / 2**20 for r in mine]
+                (line,) = ax.plot(mib, [r["gbps"] for r in mine], marker="o", label=prov)
+                if facts.device == "cpu":  # dotted: bytes / process CPU time, blind to waiting for a core
+                    gb_cpu = [r["bytes_moved"] / (r["cpu_ms_median"] * 1e6) for r in mine]
+                    ax.plot(mib, gb_cpu, ls=":", marker=".", color=line.get_color(), label=f"{prov} (CPU time)")
             ax.axhline(facts.copy_gbps, ls="--", color="k", label=f"copy bandwidth {facts.copy_gbps:.1f} GB/s")
             ax.set(xscale="log", yscale="log", xlabel="bytes moved (MiB)", ylabel="achieved GB/s", title=mode)
             ax.grid(True, which="both", alpha=0.3)
