@@ -43,7 +43,6 @@ import math
 import os
 import platform
 import time
-import warnings
 from typing import Callable
 
 import numpy as np
@@ -237,13 +236,20 @@ COMPILE = Provider("torch_compile", _compiled)
 
 
 def _triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    from fastpref.ops import triton_available
+
+    if not triton_available():
+        return False
+    from fastpref.ops.pair_loss import interpreter_enabled
+
+    return interpreter_enabled()
 
 
 def discover_providers(device: torch.device, only: tuple[str, ...] | None = None):
     """The providers that run on ``device``: ``(providers, skipped)`` where ``skipped`` maps a
-    provider name to the reason it is left out. Each fastpref backend is probed with a tiny call;
-    one that raises, or warns (e.g. falls back to another backend), is skipped with that message."""
+    provider name to the reason it is left out. Each fastpref backend is probed with a tiny forward
+    and backward; one that raises (an explicitly requested backend that cannot run raises a
+    ``ValueError`` saying why, it never falls back) is skipped with that message."""
     providers, skipped = [EAGER, COMPILE], {}
     probe_case = Case("tiny", 1)
     for backend in losses.BACKENDS:
@@ -261,14 +267,9 @@ def discover_providers(device: torch.device, only: tuple[str, ...] | None = None
         fn = probe_case.fastpref(backend)
         inputs = probe_case.inputs(device)
         try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                fn(**inputs).backward()
+            fn(**inputs).backward()
         except Exception as exc:  # noqa: BLE001 — any failure means "not available here"; say why
             skipped[name] = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            continue
-        if caught:
-            skipped[name] = f"warned on a probe call: {caught[0].message}"
             continue
         providers.append(Provider(name, _fastpref(backend)))
     if only is not None:
