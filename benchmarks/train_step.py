@@ -16,7 +16,10 @@ Rows (LoRA unless marked *full*):
 
 Every step is ``zero_grad → forward(s) → loss → backward → AdamW.step``. Time: median over
 ``rounds × steps`` steps after warm-up, the modes interleaved round by round so that a noisy machine
-hurts all of them alike. Memory: on CUDA ``max_memory_allocated`` (everything on the device: weights,
+hurts all of them alike; also the fastest step and, on a CPU, the median *thread CPU time* of the
+step (``time.thread_time``; with one intra-op thread every op runs on the calling thread), which
+other processes on a shared machine inflate far less than wall time.
+Memory: on CUDA ``max_memory_allocated`` (everything on the device: weights,
 optimiser state, activations); on a CPU the resident weights the mode keeps (policy, reference copy,
 VAE and text encoder when it runs them) plus the peak RSS increase during its steps (sampled every
 millisecond after ``malloc_trim``; an approximation: the allocator may reuse freed memory).
@@ -53,7 +56,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 LORA_MODES = ("baseline", "adapter_off", "batched", "cache", "none")
 FULL_MODES = ("baseline_full", "copy")
 COLUMNS = [
-    "model", "pairs", "mode", "loss", "step_ms_median", "step_ms_min", "pairs_per_s", "time_vs_baseline",
+    "model", "pairs", "mode", "loss", "step_ms_median", "step_ms_min", "cpu_ms_median", "pairs_per_s",
+    "time_vs_baseline", "cpu_time_vs_baseline",
     "resident_mb", "step_peak_mb", "peak_mb", "mem_vs_baseline", "device", "threads", "torch", "diffusers", "peft",
 ]
 
@@ -203,7 +207,8 @@ def eager_dmpo_loss(model_pred, ref_pred, target, beta, alpha=0.01):
     (ew, el), (rw, rl) = e.chunk(2), r.chunk(2)
     u = -0.5 * beta * ((ew - el) - (rw - rl))
     s = torch.sigmoid(u)
-    return (s * (F.logsigmoid(u) - torch.log1p(torch.tensor(-alpha))) + (1 - s) * (F.logsigmoid(-u) - torch.log(torch.tensor(alpha)))).mean()
+    log_1m_alpha, log_alpha = torch.log1p(torch.tensor(-alpha)), torch.log(torch.tensor(alpha))
+    return (s * (F.logsigmoid(u) - log_1m_alpha) + (1 - s) * (F.logsigmoid(-u) - log_alpha)).mean()
 
 
 def make_step(setup: Setup, mode: str, loss_name: str):
@@ -358,7 +363,8 @@ def run(kind: str, pairs: int, losses, args, device) -> list[dict]:
 
     modes = [m for m in LORA_MODES + FULL_MODES if m in args.modes]
     configs = [(m, loss) for m in modes for loss in (losses if m != "none" else ["sft"])]
-    steps, kept, times, mem = {}, {}, {c: [] for c in configs}, {}
+    steps, kept, mem = {}, {}, {}
+    times, cpu_times = {c: [] for c in configs}, {c: [] for c in configs}
     rss = PeakRSS()
     for c in configs:  # build, warm up and measure memory once per config
         steps[c], kept[c] = make_step(setup, *c)
@@ -379,11 +385,12 @@ def run(kind: str, pairs: int, losses, args, device) -> list[dict]:
             for i in range(args.steps):
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 loss = steps[c](args.warmup + r * args.steps + i)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 times[c].append(time.perf_counter() - t0)
+                cpu_times[c].append(time.thread_time() - c0)
                 if not torch.isfinite(loss.detach()):
                     raise RuntimeError(f"{kind} {c}: non-finite loss")
 
@@ -394,19 +401,23 @@ def run(kind: str, pairs: int, losses, args, device) -> list[dict]:
         base = ("baseline_full" if mode in FULL_MODES else "baseline", loss if loss != "sft" else "dpo")
         med = statistics.median(times[c])
         base_med = statistics.median(times[base]) if base in times else float("nan")
+        cpu_med = statistics.median(cpu_times[c])
+        base_cpu = statistics.median(cpu_times[base]) if base in cpu_times else float("nan")
         peak = mem[c][0]
         base_peak = mem[base][0] if base in mem else float("nan")
         rows.append({
             "model": kind, "pairs": pairs, "mode": mode, "loss": loss,
             "step_ms_median": round(1e3 * med, 2), "step_ms_min": round(1e3 * min(times[c]), 2),
+            "cpu_ms_median": round(1e3 * cpu_med, 2),
             "pairs_per_s": round(pairs / med, 2), "time_vs_baseline": round(med / base_med, 3),
+            "cpu_time_vs_baseline": round(cpu_med / base_cpu, 3),
             "resident_mb": round(mem[c][1], 2) if mem[c][1] is not None else "",
             "step_peak_mb": round(mem[c][2], 2) if len(mem[c]) > 2 else "",
             "peak_mb": round(peak, 2), "mem_vs_baseline": round(peak / base_peak, 3),
             "device": dev_name, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "diffusers": diffusers.__version__, "peft": peft.__version__,
         })
-        print(" ".join(f"{k}={rows[-1][k]}" for k in COLUMNS[:12]), flush=True)
+        print(" ".join(f"{k}={rows[-1][k]}" for k in COLUMNS[:14]), flush=True)
     return rows
 
 
@@ -439,14 +450,15 @@ def render(path: Path, command: str | None = None) -> None:
         f"Device: {head['device']}, {head['threads']} thread(s); torch {head['torch']}, diffusers "
         f"{head['diffusers']}, peft {head['peft']}." + (f" Command: `{command}`." if command else ""),
         "",
-        "| model | pairs | mode | loss | step ms median | step ms min | pairs/s (median) | time vs baseline (median) "
-        "| time vs baseline (min) | peak MB | memory vs baseline |",
-        "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | pairs | mode | loss | step ms median | step ms min | CPU ms median | pairs/s (median) "
+        "| time vs baseline (median) | (min) | (CPU time) | peak MB | memory vs baseline |",
+        "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['pairs']} | {r['mode']} | {r['loss']} | {r['step_ms_median']} | {r['step_ms_min']} "
-            f"| {r['pairs_per_s']} | {r['time_vs_baseline']} | {min_ratio(r)} | {r['peak_mb']} | {r['mem_vs_baseline']} |"
+            f"| {r.get('cpu_ms_median', '')} | {r['pairs_per_s']} | {r['time_vs_baseline']} | {min_ratio(r)} "
+            f"| {r.get('cpu_time_vs_baseline', '')} | {r['peak_mb']} | {r['mem_vs_baseline']} |"
         )
     Path(path).with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {path} and {Path(path).with_suffix('.md')}")

@@ -86,9 +86,10 @@ def test_every_mode_gives_the_same_loss_and_gradient(kind):
     results = {}
     for name, mode in modes.items():
         out = mode(model, inputs, pair_indices=torch.tensor(BATCH), epoch=EPOCH)
+        kw = dict(ref_err=out.ref_err, beta=beta, backend="torch")
         losses = {
-            "dpo": fastpref.dpo_loss(out.model_pred, out.ref_pred, target, ref_err=out.ref_err, beta=beta, backend="torch"),
-            "dmpo": fastpref.dmpo_loss(out.model_pred, out.ref_pred, target, ref_err=out.ref_err, beta=beta, backend="torch"),
+            "dpo": fastpref.dpo_loss(out.model_pred, out.ref_pred, target, **kw),
+            "dmpo": fastpref.dmpo_loss(out.model_pred, out.ref_pred, target, **kw),
         }
         grads = torch.autograd.grad(losses["dpo"], lora)
         results[name] = ({k: v.detach() for k, v in losses.items()}, grads)
@@ -99,7 +100,9 @@ def test_every_mode_gives_the_same_loss_and_gradient(kind):
     for name, (losses, grads) in results.items():
         for loss_name in losses:
             tol = 1e-11
-            torch.testing.assert_close(losses[loss_name], want_losses[loss_name], rtol=tol, atol=tol, msg=f"{name} {loss_name}")
+            torch.testing.assert_close(
+                losses[loss_name], want_losses[loss_name], rtol=tol, atol=tol, msg=f"{name} {loss_name}"
+            )
         for g, w in zip(grads, want_grads):
             torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10 * w.abs().max().item(), msg=f"{name} gradient")
 
