@@ -4,9 +4,10 @@ Every measurement goes through :func:`run_case`, which returns CSV rows (:data:`
 (:mod:`benchmarks.sweep`) and the pytest-benchmark tests only choose cases and providers.
 
 Providers
-    ``torch``          the eager reference, :func:`fastpref.reference.pair_loss_ref` — op for op what
-                       the diffusers DPO scripts and the Salesforce code do (upcast to fp32, square,
-                       mean over S, chunk into winners/losers, margin, ``logsigmoid``), autograd backward.
+    ``torch``          the eager reference, :func:`fastpref.reference.pair_loss_ref` — the loss lines
+                       of the diffusers DPO scripts and the Salesforce code (square, mean over S, chunk
+                       into winners/losers, margin, ``logsigmoid``) with the inputs upcast to fp32 as
+                       the reference specifies; autograd backward.
     ``torch_compile``  ``torch.compile`` of that same function (static shapes, recompiled per case).
     ``fastpref-<b>``   ``fastpref.dpo_loss``/``dmpo_loss`` with ``backend=b`` for every backend in
                        :data:`fastpref.losses.BACKENDS` that runs on the device (discovered at run time,
