@@ -34,7 +34,8 @@ void check_fwd_inputs(const at::Tensor& model_pred, const c10::optional<at::Tens
     TORCH_CHECK(ref_err->device() == model_pred.device(), "fastpref::pair_loss_fwd: ref_err is on another device");
   }
   TORCH_CHECK(target.device() == model_pred.device(), "fastpref::pair_loss_fwd: target is on another device");
-  TORCH_CHECK(loss >= 0 && loss < kNumLosses, "fastpref::pair_loss_fwd: unknown loss id ", loss);
+  TORCH_CHECK(loss >= 0 && loss < kNumLosses, "fastpref::pair_loss_fwd: loss id ", loss,
+              " is not implemented here (0-6; kto, id 7, runs on Triton or the reference)");
   TORCH_CHECK(reduction >= kNone && reduction <= kSum, "fastpref::pair_loss_fwd: unknown reduction id ", reduction);
 }
 

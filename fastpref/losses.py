@@ -166,11 +166,11 @@ def _pair_loss(loss, model_pred, ref_pred, target, ref_err, beta, alpha, reducti
     check_pair_inputs(model_pred, ref_pred, target, ref_err)
     resolved = resolve_backend(backend, model_pred.device)
     if resolved == "triton":
-        from fastpref.ops.pair_loss import fused_pair_loss
+        from fastpref.ops.library import triton_pair_loss  # the Triton family as a torch.library op
 
         if ref_err is not None:
             ref_err = ref_err.contiguous()
-        out, u, err = fused_pair_loss(
+        out, u, err = triton_pair_loss(
             loss, model_pred, ref_pred, target, ref_err, beta=beta, alpha=alpha, reduction=reduction
         )
         model_err, ref_err_out = err[0], err[1]
@@ -286,15 +286,26 @@ def _ref_free_stats(u, model_err, reward_fn) -> PreferenceStats:
 
 
 def _fused_or_reference(loss, model_pred, ref_pred, target, ref_err, *, beta, c0, c1, reduction, backend, labels=None):
-    """The fused kernel family on ``backend="triton"``; ``None`` when the reference must run."""
-    if resolve_backend(backend, model_pred.device) != "triton":
-        return None
-    from fastpref.ops.pair_loss import fused_pair_loss
-
+    """The fused kernel family (Triton, or the C++/CUDA extension for the losses it implements);
+    ``None`` when the reference must run."""
+    resolved = resolve_backend(backend, model_pred.device)
     if ref_err is not None:
         ref_err = ref_err.contiguous()
-    return fused_pair_loss(loss, model_pred, ref_pred, target, ref_err, beta=beta, reduction=reduction,
-                           c0=c0, c1=c1, labels=labels)  # fmt: skip
+    if resolved == "triton":
+        from fastpref.ops.library import triton_pair_loss  # the Triton family as a torch.library op
+
+        return triton_pair_loss(loss, model_pred, ref_pred, target, ref_err, beta=beta, reduction=reduction,
+                                c0=c0, c1=c1, labels=labels)  # fmt: skip
+    if resolved in ("cpu", "cuda"):
+        from fastpref.ops.cpp import CPP_LOSSES, cpp_pair_loss
+
+        if loss in CPP_LOSSES:
+            return cpp_pair_loss(loss, model_pred, ref_pred, target, ref_err, beta=beta, reduction=reduction,
+                                 c0=c0, c1=c1)  # fmt: skip
+        if backend != "auto":
+            raise ValueError(f"{loss}_loss has no {backend!r} backend (csrc/ implements {', '.join(CPP_LOSSES)}); "
+                             "use backend='auto', 'triton' or 'torch'")  # fmt: skip
+    return None
 
 
 def mapo_loss(

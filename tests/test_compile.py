@@ -1,4 +1,5 @@
-"""torch.compile and torch.library integration of the C++ op (fastpref/ops/library.py).
+"""torch.compile and torch.library integration of the C++ op and of the Triton family's custom op
+(fastpref/ops/library.py).
 
 A training step that calls fastpref.dmpo_loss compiles with fullgraph=True (no graph break) and
 gives the eager result; the op stays one node of the graph (fake implementation, autograd through
@@ -6,6 +7,8 @@ pair_loss_bwd); dynamic batch sizes do not recompile; autocast does not downcast
 torch.library.opcheck passes. Most tests use the aot_eager backend (dynamo + AOTAutograd: everything
 the op contributes to compilation); one runs inductor end to end.
 """
+
+import math
 
 import pytest
 import torch
@@ -17,7 +20,7 @@ from fastpref.ops import extension
 from fastpref.ops.cpp import REDUCTION_IDS
 from fastpref.ops.pair_loss import LOSS_IDS
 
-pytestmark = pytest.mark.skipif(
+requires_cpp = pytest.mark.skipif(
     not extension.available(), reason=f"the C++ extension could not be built: {extension.unavailable_reason()}"
 )
 
@@ -48,6 +51,7 @@ def _grads_after(fn, model, *args):
     return out.detach(), [p.grad.clone() for p in model.parameters()]
 
 
+@requires_cpp
 @pytest.mark.parametrize("loss,backend", [(loss, "cpu") for loss in LOSSES] + [("dmpo", "auto")])
 def test_training_step_compiles_without_graph_break(loss, backend, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # so "auto" means the C++ op on this CPU
@@ -80,6 +84,26 @@ def test_training_step_compiles_without_graph_break(loss, backend, monkeypatch):
     assert {op, op.default} & targets, targets
 
 
+@pytest.mark.parametrize("loss", ["sigmoid", "dmpo"])
+def test_triton_path_compiles_without_graph_break(loss, device):
+    """The Triton family is a custom op too (kernels opaque to the compiler; on this CPU they run in
+    the interpreter): fullgraph compile, same loss and gradients as eager, bit for bit."""
+    model, loss_fn = _model().to(device), _loss_fn(loss)
+
+    def step(x, ref_pred, target):
+        return loss_fn(model(x), ref_pred, target, beta=40.0, backend="triton")
+
+    counter = CompileCounterWithBackend("aot_eager")
+    batch = [t.to(device) for t in _batch(2)]
+    out_c, grads_c = _grads_after(torch.compile(step, fullgraph=True, backend=counter), model, *batch)
+    out_e, grads_e = _grads_after(step, model, *batch)
+    assert counter.frame_count >= 1
+    assert torch.equal(out_c, out_e)
+    for a, b in zip(grads_c, grads_e):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+@requires_cpp
 def test_inductor_compiled_loss_equals_eager():
     """inductor end to end (the default backend): the loss, its statistics and the gradient."""
 
@@ -98,6 +122,7 @@ def test_inductor_compiled_loss_equals_eager():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+@requires_cpp
 def test_dynamic_batch_size_does_not_recompile():
     model = _model()
 
@@ -116,6 +141,7 @@ def test_dynamic_batch_size_does_not_recompile():
     assert compiles[0] >= 1 and compiles[1:] == [compiles[0]] * 2, compiles  # compiled once, then reused
 
 
+@requires_cpp
 def test_autocast_region_keeps_fp32_reduction_compiled():
     """Under autocast the model's Linear runs in bf16; the loss still reduces in fp32, compiled or not."""
     model = _model()
@@ -145,6 +171,7 @@ def _opcheck_cases():
     return cases
 
 
+@requires_cpp
 @pytest.mark.parametrize("loss,dtype,form,reduction", _opcheck_cases(), ids=str)
 def test_opcheck(loss, dtype, form, reduction):
     """Schema, fake implementation, autograd registration and AOT dispatch (static and dynamic)."""
@@ -161,3 +188,11 @@ def test_opcheck(loss, dtype, form, reduction):
     grad_out = torch.rand_like(out)
     torch.library.opcheck(torch.ops.fastpref.pair_loss_bwd.default,
                           (grad_out, model_pred.detach(), target, dl_de, REDUCTION_IDS[reduction]))  # fmt: skip
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_opcheck_triton_op(reduction, device):
+    model_pred, ref_pred, target, beta = make_pairs(2, (3, 5), torch.float32, device, shared=True, seed=4)
+    c0, c1 = math.log1p(-0.05), math.log(0.05)  # dmpo's constants at α = 0.05
+    args = (model_pred.requires_grad_(True), ref_pred, target, None, None, "dmpo", beta, c0, c1, reduction)
+    torch.library.opcheck(torch.ops.fastpref.triton_pair_loss_fwd.default, args)

@@ -7,9 +7,14 @@ per machine (~45 s, cached under ~/.cache/torch_extensions or $TORCH_EXTENSIONS_
 """
 
 import functools
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
+import test_loss_family as tlf
 import test_pair_loss as tpl
 import torch
 from _pairs import DTYPES, LOSSES, make_pairs
@@ -156,8 +161,9 @@ def test_op_checks_direct_calls():
     """torch.ops.fastpref.* called without the front end still refuses bad ids and shapes."""
     model_pred, ref_pred, target, _ = make_pairs(1, (4,), torch.float32, CPU)
     op = torch.ops.fastpref.pair_loss_fwd
-    with pytest.raises(RuntimeError, match="unknown loss id"):
-        op(model_pred, ref_pred, target, None, 99, 1.0, 0.0, 0.0, 1)
+    for bad_id in (99, 7):  # 7: kto, not in csrc
+        with pytest.raises(RuntimeError, match=f"loss id {bad_id} is not implemented here"):
+            op(model_pred, ref_pred, target, None, bad_id, 1.0, 0.0, 0.0, 1)
     with pytest.raises(RuntimeError, match="exactly one of ref_pred or ref_err"):
         op(model_pred, None, target, None, 0, 1.0, 0.0, 0.0, 1)
     with pytest.raises(RuntimeError, match="target must have model_pred's dtype"):
@@ -209,7 +215,7 @@ def test_no_compiler_falls_back_to_reference_with_one_warning(monkeypatch):
     def no_compiler(with_cuda):
         raise RuntimeError("Error building extension 'fastpref_C': c++: command not found")
 
-    monkeypatch.setattr(extension, "_build", no_compiler)
+    monkeypatch.setattr(extension, "build", no_compiler)
     model_pred, ref_pred, target, beta = make_pairs(2, (3, 5), torch.float32, CPU)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -222,3 +228,150 @@ def test_no_compiler_falls_back_to_reference_with_one_warning(monkeypatch):
         assert torch.equal(out, expected)
     with pytest.raises(ValueError, match="command not found"):
         fastpref.dmpo_loss(model_pred, ref_pred, target, beta=beta, backend="cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# The rest of the kernel family in C++: DRO, MaPO, ORPO (kto's unpaired rows stay on Triton/torch).
+# ----------------------------------------------------------------------------------------------
+
+CPP_FAMILY = ("dro", "mapo", "orpo")
+
+
+@pytest.fixture
+def family_call(monkeypatch):
+    """test_loss_family.check_against_reference on backend="cpu"."""
+    monkeypatch.setattr(tlf, "call", functools.partial(tlf.call, backend="cpu"))
+    return tlf.check_against_reference
+
+
+def test_cpp_losses_are_the_kernel_family_less_kto():
+    from fastpref.ops.cpp import CPP_LOSSES
+    from fastpref.ops.pair_loss import LOSS_IDS, UNPAIRED_LOSSES
+
+    assert set(CPP_LOSSES) == set(LOSS_IDS) - set(UNPAIRED_LOSSES)
+
+
+@pytest.mark.parametrize("loss", CPP_FAMILY)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_pairs,sample_shape", SHAPES, ids=["one_pair", "odd", "multi_chunk"])
+def test_family_matches_reference(family_call, loss, dtype, num_pairs, sample_shape):
+    model_pred, ref_pred, target, _ = tlf.inputs(loss, num_pairs, sample_shape, dtype, CPU)
+    family_call(loss, model_pred, ref_pred, target)
+
+
+@pytest.mark.parametrize("loss", CPP_FAMILY)
+@pytest.mark.parametrize("case", ["shared", "transposed", "ref_err"])
+def test_family_layouts_and_reductions(family_call, loss, case):
+    model_pred, ref_pred, target, _ = tlf.inputs(loss, 3, (2, 7, 11), torch.bfloat16, CPU, shared=case == "shared")
+    ref_err = None
+    if case == "transposed":
+        model_pred, ref_pred, target = (x.transpose(-1, -2).contiguous().transpose(-1, -2)
+                                        for x in (model_pred, ref_pred, target))  # fmt: skip
+    if case == "ref_err" and loss == "dro":
+        ref_err = reference.pair_errors(ref_pred, target)
+    for reduction in ("mean", "none"):
+        family_call(loss, model_pred, ref_pred, target, ref_err=ref_err, reduction=reduction)
+
+
+@pytest.mark.parametrize("loss", CPP_FAMILY)
+def test_family_extreme_values_are_finite(loss):
+    model_pred, target = tlf._preds_with_errors([0.0, 1e-8, 1e-3, 1.0, 1e2, 1e4], CPU)
+    ref_err = torch.tensor([1e4, 1e2, 1.0, 1e-3, 1e-8, 0.0])
+    kw = {"mapo": dict(num_train_timesteps=1e6), "orpo": dict(beta=1e5, lambda_orpo=1.0), "dro": dict(margin=0.5)}
+    outs = []
+    for backend in ("cpu", "torch"):
+        m = model_pred.clone().requires_grad_(True)
+        out = tlf.call(loss, m, None, target, ref_err=ref_err, backend=backend, reduction="none", **kw[loss])
+        out.sum().backward()
+        assert torch.isfinite(out).all() and torch.isfinite(m.grad).all(), (backend, out, m.grad)
+        outs.append(out.double())
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("loss", CPP_FAMILY)
+def test_family_gradcheck_fp64(loss):
+    g = torch.Generator().manual_seed(3)
+    model_pred = torch.randn(4, 3, 5, dtype=torch.float64, generator=g).requires_grad_(True)
+    ref_pred = torch.randn(4, 3, 5, dtype=torch.float64, generator=g)
+    target = torch.randn(4, 3, 5, dtype=torch.float64, generator=g)
+    f = {
+        "mapo": lambda m: fastpref.mapo_loss(m, target, num_train_timesteps=5.0, reduction="none", backend="cpu"),
+        "orpo": lambda m: fastpref.orpo_loss(m, target, beta=2.0, reduction="none", backend="cpu"),
+        "dro": lambda m: fastpref.dro_loss(m, ref_pred, target, margin=0.05, reduction="none", backend="cpu"),
+    }[loss]
+    assert f(model_pred).dtype == torch.float64
+    assert torch.autograd.gradcheck(f, (model_pred,))
+
+
+def test_kto_has_no_cpp_backend_and_auto_uses_the_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model_pred, ref_pred, target, labels = tlf.inputs("kto", 2, (3, 4), torch.float32, CPU)
+    with pytest.raises(ValueError, match="kto_loss has no 'cpu' backend"):
+        fastpref.kto_loss(model_pred, ref_pred, target, labels, backend="cpu")
+    auto = fastpref.kto_loss(model_pred, ref_pred, target, labels, backend="auto")
+    assert torch.equal(auto, fastpref.kto_loss(model_pred, ref_pred, target, labels, backend="torch"))
+
+
+# ----------------------------------------------------------------------------------------------
+# csrc/cuda: compiled here when a CUDA toolkit is present; run where a GPU is.
+# ----------------------------------------------------------------------------------------------
+
+
+def _cuda_home():
+    from torch.utils import cpp_extension
+
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda-13.0", cpp_extension.CUDA_HOME):
+        if home and (Path(home) / "bin" / "nvcc").is_file():
+            return home
+    return None
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="this torch is a CPU-only build: no CUDA extension can build")
+@pytest.mark.skipif(_cuda_home() is None, reason="no CUDA toolkit (nvcc) on this machine")
+def test_cuda_sources_compile_for_sm90():
+    """csrc/cuda builds (nvcc, sm_90), links with the CPU sources and registers CUDA kernels for both
+    ops — on a machine with no GPU. First run ~2–5 min on 2 cores, then cached like the CPU build."""
+    env = dict(os.environ, CUDA_HOME=_cuda_home(), TORCH_CUDA_ARCH_LIST=os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0"))
+    code = (
+        "import torch\n"
+        "from fastpref.ops import extension\n"
+        "extension.build(with_cuda=True)\n"
+        "for op in ('pair_loss_fwd', 'pair_loss_bwd'):\n"
+        "    for key in ('CPU', 'CUDA'):\n"
+        "        assert torch._C._dispatch_has_kernel_for_dispatch_key('fastpref::' + op, key), (op, key)\n"
+        "print('ok')\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=1800)  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+requires_cuda_backend = pytest.mark.skipif(
+    not torch.cuda.is_available() or not extension.has_kernel("cuda"),
+    reason="needs a CUDA GPU and the CUDA extension; none on this machine",
+)
+
+
+@requires_cuda_backend
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_pairs,sample_shape", SHAPES + [(2, (4, 64, 64)), (16, (5, 33, 31))],
+                         ids=["one_pair", "odd", "multi_chunk", "vectorised", "many_pairs_odd"])  # fmt: skip
+def test_cuda_matches_reference(monkeypatch, loss, dtype, num_pairs, sample_shape):
+    monkeypatch.setattr(tpl, "call", functools.partial(_call, backend="cuda"))
+    model_pred, ref_pred, target, beta = make_pairs(num_pairs, sample_shape, dtype, "cuda")
+    tpl.check_against_reference(loss, model_pred, ref_pred, target, beta=beta)
+
+
+@requires_cuda_backend
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("case", tpl.LAYOUTS)
+def test_cuda_layouts_and_agreement_with_triton(monkeypatch, loss, case):
+    monkeypatch.setattr(tpl, "call", functools.partial(_call, backend="cuda"))
+    model_pred, ref_pred, target, beta = make_pairs(3, (2, 7, 11), torch.bfloat16, "cuda", shared="shared" in case)
+    model_pred, ref_pred, target, ref_err = tpl._layout(case, model_pred, ref_pred, target)
+    tpl.check_against_reference(loss, model_pred, ref_pred, target, ref_err=ref_err, beta=beta)
+    outs = [_call(loss, model_pred, ref_pred, target, ref_err=ref_err, beta=beta, reduction="none", backend=b)
+            for b in ("cuda", "triton")]  # fmt: skip
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)

@@ -134,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pair_loss_fwd_cpu(
       const acc_t mw = static_cast<acc_t>(s[0] / D), ml = static_cast<acc_t>(s[1] / D);
       const acc_t rw = re ? re[i] : static_cast<acc_t>(s[2] / D);
       const acc_t rl = re ? re[i + B] : static_cast<acc_t>(s[3] / D);
-      const PairLoss<acc_t> p = pair_loss_and_grad<acc_t>((mw - ml) - (rw - rl), static_cast<acc_t>(beta),
+      const PairLoss<acc_t> p = pair_loss_and_grad<acc_t>(mw, ml, rw, rl, static_cast<acc_t>(beta),
                                                           static_cast<acc_t>(c0), static_cast<acc_t>(c1), loss);
       e[i] = mw;
       e[i + B] = ml;
@@ -142,8 +142,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pair_loss_fwd_cpu(
       e[n + i + B] = rl;
       u[i] = p.u;
       l[i] = p.loss;
-      g[i] = p.dl_dd;  // ∂d/∂e_θ[w_i] = +1, ∂d/∂e_θ[l_i] = −1
-      g[i + B] = -p.dl_dd;
+      g[i] = p.dl_dmw;
+      g[i + B] = p.dl_dml;
       sum += static_cast<double>(p.loss);
     }
     total.fill_(reduction == kMean ? sum / B : sum);

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CSRC", "available", "has_kernel", "unavailable_reason", "load", "sources", "build_flags"]
+__all__ = ["CSRC", "available", "has_kernel", "unavailable_reason", "load", "build", "sources", "build_flags"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,8 @@ def _wants_cuda() -> bool:
     return torch.cuda.is_available() and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
-def _build(with_cuda: bool) -> None:
+def build(with_cuda: bool) -> None:
+    """Compile (or find in the cache) and load the library; raises on failure."""
     from torch.utils import cpp_extension
 
     cpp_extension.verify_ninja_availability()
@@ -79,7 +80,7 @@ def load() -> bool:
     global _state
     if _state is None:
         try:
-            _build(_wants_cuda())
+            build(_wants_cuda())
             from fastpref.ops import library
 
             library.register()
