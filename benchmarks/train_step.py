@@ -23,7 +23,9 @@ Memory: on CUDA ``max_memory_allocated`` (everything on the device: weights,
 optimiser state, activations); on a CPU the resident weights the mode keeps (policy, reference copy,
 VAE and text encoder when it runs them) plus the peak RSS increase during its steps (sampled every
 millisecond after ``malloc_trim``; an approximation: the allocator may reuse freed memory).
-On a CPU ``fastpref.dpo_loss`` runs its PyTorch path (no kernel): the loss is a small part of a step.
+The fastpref rows call ``fastpref.dpo_loss``/``dmpo_loss`` with ``backend="auto"`` (the ``loss_backend``
+column says what ran: Triton on a GPU; on a CPU the C++ extension where it builds, else the PyTorch
+path); the loss is a small part of a step either way.
 
 Writes ``benchmarks/results/train_step_<device>.csv`` and ``.md``.
 """
@@ -59,6 +61,7 @@ COLUMNS = [
     "model", "pairs", "mode", "loss", "step_ms_median", "step_ms_min", "cpu_ms_median", "pairs_per_s",
     "time_vs_baseline", "cpu_time_vs_baseline",
     "resident_mb", "step_peak_mb", "peak_mb", "mem_vs_baseline", "device", "threads", "torch", "diffusers", "peft",
+    "loss_backend",
 ]
 
 # ----------------------------------------------------------------------------------------------
@@ -394,8 +397,11 @@ def run(kind: str, pairs: int, losses, args, device) -> list[dict]:
                 if not torch.isfinite(loss.detach()):
                     raise RuntimeError(f"{kind} {c}: non-finite loss")
 
+    from fastpref.losses import resolve_backend
+
     rows = []
     dev_name = device_name(device)
+    loss_backend = resolve_backend("auto", device)
     for c in configs:
         mode, loss = c
         base = ("baseline_full" if mode in FULL_MODES else "baseline", loss if loss != "sft" else "dpo")
@@ -416,6 +422,7 @@ def run(kind: str, pairs: int, losses, args, device) -> list[dict]:
             "peak_mb": round(peak, 2), "mem_vs_baseline": round(peak / base_peak, 3),
             "device": dev_name, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "diffusers": diffusers.__version__, "peft": peft.__version__,
+            "loss_backend": "eager" if mode.startswith("baseline") or mode == "none" else loss_backend,
         })
         print(" ".join(f"{k}={rows[-1][k]}" for k in COLUMNS[:14]), flush=True)
     return rows
