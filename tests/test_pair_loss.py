@@ -305,7 +305,10 @@ def test_reference_gradcheck_fp64():
 
 
 def test_auto_backend_without_gpu_or_interpreter_uses_reference(monkeypatch):
+    from fastpref.ops import extension
+
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(extension, "_state", (False, "no C++ compiler"))  # else auto picks the C++ backend
     model_pred, ref_pred, target, beta = make_pairs(2, (3,), torch.float32, "cpu")
     out = fastpref.dpo_loss(model_pred, ref_pred, target, beta=beta, backend="auto")
     ref = reference.pair_loss_ref("sigmoid", model_pred, ref_pred, target, beta=beta)[0]
