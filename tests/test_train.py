@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import csv
 import os
-import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import fastpref
 from fastpref.reference import pair_loss_ref
-from fastpref.train import TrainConfig, compute_loss, parse_args, train
+from fastpref.train import TrainConfig, parse_args, train
 from fastpref.train.data import SyntheticPreferences
 from fastpref.train.models import TINY_MODELS, build_tiny_model, load_model, save_model
 from fastpref.train.objectives import OBJECTIVES
@@ -37,7 +35,8 @@ def tiny(name: str = "fastpref:tiny-unet"):
 
 def config(tmp_path, **kw) -> TrainConfig:
     base = dict(output_dir=str(tmp_path / "run"), max_train_steps=2, train_batch_size=2, synthetic_size=24,
-                eval_pairs=4, num_inference_steps=2, checkpointing_steps=1000, report_to="csv", learning_rate=1e-3)
+                eval_pairs=2, num_inference_steps=2, checkpointing_steps=1000, report_to="csv", learning_rate=1e-3,
+                validation_prompts=["a red disc"])
     base.update(kw)
     return TrainConfig(**base)
 
@@ -411,3 +410,17 @@ def test_bf16_mixed_precision_lora_step(tmp_path):
     assert all(p.dtype == torch.bfloat16 for n, p in model.denoiser.named_parameters() if "lora" not in n)
     rows = read_rows(os.path.join(cfg.output_dir, "logs", "train.csv"))
     assert all(torch.isfinite(torch.tensor(float(r["loss"]))) for r in rows)
+
+
+def test_help_lists_the_diffusers_flags(capsys):
+    from fastpref.train import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--pretrained_model_name_or_path", "--dataset", "--loss", "--beta", "--alpha", "--lora_rank",
+                 "--mixed_precision", "--train_batch_size", "--gradient_accumulation_steps", "--learning_rate",
+                 "--max_train_steps", "--checkpointing_steps", "--resume_from_checkpoint", "--output_dir", "--seed",
+                 "--validation_prompts", "--reference_mode", "--config"):
+        assert flag in text, flag

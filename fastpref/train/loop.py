@@ -374,7 +374,9 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
         from torchvision.utils import save_image
 
         os.makedirs(os.path.join(cfg.output_dir, "samples"), exist_ok=True)
-        save_image((images + 1) / 2, os.path.join(cfg.output_dir, "samples", f"step-{step:06d}.png"), nrow=len(prompts))
+        scale = max(1, 64 // images.shape[-1])  # tiny models: nearest-upscale so the grid can be looked at
+        grid = torch.nn.functional.interpolate((images + 1) / 2, scale_factor=scale, mode="nearest") if scale > 1 else (images + 1) / 2
+        save_image(grid, os.path.join(cfg.output_dir, "samples", f"step-{step:06d}.png"), nrow=len(prompts))
         logger.log("eval", step, row)
         result.eval_history.append({"step": step, **row})
 

@@ -222,8 +222,6 @@ def load_model(name_or_path: str, *, revision: str | None = None, weighting_sche
     def component(name):
         lib, cls = index[name]
         module = transformers if lib == "transformers" else __import__(lib, fromlist=[cls])
-        if name.startswith("tokenizer"):
-            return getattr(module, cls).from_pretrained(name_or_path, subfolder=name, **kw)
         return getattr(module, cls).from_pretrained(name_or_path, subfolder=name, **kw)
 
     vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", **kw) if has("vae") else None

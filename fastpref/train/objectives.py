@@ -3,6 +3,9 @@
 A loss is registered only when this fastpref provides it (``hasattr(fastpref, ...)``), so the CLI's
 choices are exactly the losses that can run. Reference-free losses (MaPO, ORPO) set
 ``needs_reference=False``: the loop then builds no reference model at all.
+
+Not registered: ``dro_loss`` (its second sample of each pair must be generated online by a lagged copy
+of the policy — a different loop) and ``rpo_loss`` (needs CLIP image+prompt embeddings per pair).
 """
 
 from __future__ import annotations
@@ -63,9 +66,8 @@ def _kto(model_pred, ref, target, cfg):
     # Paired data read as unpaired: winners desirable (1), losers undesirable (0).
     b = model_pred.shape[0] // 2
     labels = torch.cat([torch.ones(b), torch.zeros(b)]).to(model_pred.device)
-    return fastpref.kto_loss(
-        model_pred, ref["ref_pred"], _full_target(model_pred, target), labels, return_stats=True, **_beta(cfg)
-    )
+    return fastpref.kto_loss(model_pred, ref.get("ref_pred"), _full_target(model_pred, target), labels,
+                             ref_err=ref.get("ref_err"), return_stats=True, **_beta(cfg))
 
 
 def _build() -> dict[str, Objective]:
