@@ -19,7 +19,7 @@ from fastpref.stats import KTOStats, PreferenceStats, implicit_accuracy, prefere
 __all__ = ["dpo_loss", "dmpo_loss", "BACKENDS"]
 __all__ += ["mapo_loss", "orpo_loss", "kto_loss", "dro_loss", "clip_pair_weights", "rpo_loss"]
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 REDUCTIONS = ("mean", "sum", "none")
 DPO_KINDS = ("sigmoid", "hinge", "ipo")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -117,13 +117,29 @@ def check_pair_inputs(model_pred, ref_pred, target, ref_err, *, need_ref: bool =
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """``"auto"`` → Triton on a CUDA device (or any device under ``TRITON_INTERPRET=1``), else the
-    PyTorch reference. ``"triton"`` on a CPU tensor needs the interpreter."""
-    from fastpref.ops import triton_available
+    """Which implementation runs: ``"triton"``, ``"cpu"``/``"cuda"`` (the C++/CUDA extension in
+    ``csrc/``) or ``"torch"`` (the reference).
+
+    ``"auto"`` → Triton on a CUDA device (or on any device under ``TRITON_INTERPRET=1``, which asks
+    for the interpreter explicitly, as the tests do); else the C++ extension on a CPU (or CUDA)
+    tensor when it builds (first use builds it, cached; a failed build warns once); else the
+    reference. ``"triton"`` on a CPU tensor needs the interpreter; ``"cpu"``/``"cuda"`` need the
+    extension and a tensor on that device."""
+    from fastpref.ops import extension, triton_available
 
     _check_choice("backend", backend, BACKENDS)
     if backend == "torch":
         return "torch"
+    if backend in ("cpu", "cuda"):
+        if device.type != backend:
+            raise ValueError(f"backend={backend!r} runs on {backend} tensors, but model_pred is on {device}")
+        if not extension.has_kernel(backend):
+            reason = extension.unavailable_reason() or "it was built without CUDA (no CUDA_HOME or no GPU at build)"
+            raise ValueError(
+                f"backend={backend!r} needs fastpref's C++ extension (csrc/), which is not available: {reason}. "
+                "Use backend='auto' or 'torch'."
+            )
+        return backend
     from fastpref.ops.pair_loss import interpreter_enabled
 
     runnable = triton_available() and (device.type == "cuda" or interpreter_enabled())
@@ -133,7 +149,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             "TRITON_INTERPRET=1 set before fastpref is imported (the CPU interpreter, for tests). "
             "Use backend='auto' or 'torch'."
         )
-    return "triton" if runnable else "torch"
+    if runnable:
+        return "triton"
+    if device.type in ("cpu", "cuda") and extension.has_kernel(device.type):
+        return device.type
+    return "torch"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,12 +164,20 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 def _pair_loss(loss, model_pred, ref_pred, target, ref_err, beta, alpha, reduction, return_stats, backend):
     _check_choice("reduction", reduction, REDUCTIONS)
     check_pair_inputs(model_pred, ref_pred, target, ref_err)
-    if resolve_backend(backend, model_pred.device) == "triton":
-        from fastpref.ops.pair_loss import fused_pair_loss
+    resolved = resolve_backend(backend, model_pred.device)
+    if resolved == "triton":
+        from fastpref.ops.library import triton_pair_loss  # the Triton family as a torch.library op
 
         if ref_err is not None:
             ref_err = ref_err.contiguous()
-        out, u, err = fused_pair_loss(
+        out, u, err = triton_pair_loss(
+            loss, model_pred, ref_pred, target, ref_err, beta=beta, alpha=alpha, reduction=reduction
+        )
+        model_err, ref_err_out = err[0], err[1]
+    elif resolved in ("cpu", "cuda"):
+        from fastpref.ops.cpp import cpp_pair_loss
+
+        out, u, err = cpp_pair_loss(
             loss, model_pred, ref_pred, target, ref_err, beta=beta, alpha=alpha, reduction=reduction
         )
         model_err, ref_err_out = err[0], err[1]
@@ -191,7 +219,8 @@ def dpo_loss(
         beta: β in fastpref's convention (means over S, with the ½): 5000 for SD1.5 and SDXL.
         reduction: ``"mean"`` over pairs, ``"sum"`` or ``"none"`` (``(B,)``).
         return_stats: also return detached :class:`PreferenceStats` (no device sync).
-        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (the reference).
+        backend: ``"auto"``, ``"triton"``, ``"cpu"``/``"cuda"`` (the C++/CUDA extension) or
+            ``"torch"`` (the reference); see :func:`resolve_backend`.
     """
     beta = _check_positive("beta", beta)
     kind = _check_choice("kind", kind, DPO_KINDS)
@@ -257,15 +286,26 @@ def _ref_free_stats(u, model_err, reward_fn) -> PreferenceStats:
 
 
 def _fused_or_reference(loss, model_pred, ref_pred, target, ref_err, *, beta, c0, c1, reduction, backend, labels=None):
-    """The fused kernel family on ``backend="triton"``; ``None`` when the reference must run."""
-    if resolve_backend(backend, model_pred.device) != "triton":
-        return None
-    from fastpref.ops.pair_loss import fused_pair_loss
-
+    """The fused kernel family (Triton, or the C++/CUDA extension for the losses it implements);
+    ``None`` when the reference must run."""
+    resolved = resolve_backend(backend, model_pred.device)
     if ref_err is not None:
         ref_err = ref_err.contiguous()
-    return fused_pair_loss(loss, model_pred, ref_pred, target, ref_err, beta=beta, reduction=reduction,
-                           c0=c0, c1=c1, labels=labels)  # fmt: skip
+    if resolved == "triton":
+        from fastpref.ops.library import triton_pair_loss  # the Triton family as a torch.library op
+
+        return triton_pair_loss(loss, model_pred, ref_pred, target, ref_err, beta=beta, reduction=reduction,
+                                c0=c0, c1=c1, labels=labels)  # fmt: skip
+    if resolved in ("cpu", "cuda"):
+        from fastpref.ops.cpp import CPP_LOSSES, cpp_pair_loss
+
+        if loss in CPP_LOSSES:
+            return cpp_pair_loss(loss, model_pred, ref_pred, target, ref_err, beta=beta, reduction=reduction,
+                                 c0=c0, c1=c1)  # fmt: skip
+        if backend != "auto":
+            raise ValueError(f"{loss}_loss has no {backend!r} backend (csrc/ implements {', '.join(CPP_LOSSES)}); "
+                             "use backend='auto', 'triton' or 'torch'")  # fmt: skip
+    return None
 
 
 def mapo_loss(
