@@ -301,6 +301,7 @@ BAD_CALLS = [
     ("weight_inside", dict(win_emb=E, lose_emb=E, weight_inside=1), TypeError, "weight_inside"),
     ("reduction", dict(win_emb=E, lose_emb=E, reduction="avg"), ValueError, "reduction"),
     ("group without dist", dict(win_emb=E, lose_emb=E, group=object()), ValueError, "group"),
+    ("C++ backend", dict(win_emb=E, lose_emb=E, backend="cpu"), ValueError, "backend"),
 ]  # fmt: skip
 
 
