@@ -610,7 +610,11 @@ def _rpo_family(kind, model_pred, ref_pred, target, ref_err, weights, win_emb, l
         _check_embeddings(win_emb, lose_emb, m, device)
         tau = _check_positive("tau", tau)
         win_emb, lose_emb = win_emb.detach(), lose_emb.detach()
-    use_triton = resolve_backend(backend, device) == "triton"
+    resolved = resolve_backend(backend, device)
+    if resolved in ("cpu", "cuda") and backend != "auto":  # csrc/ has no M×N pairwise op
+        raise ValueError(f"{'rpo' if kind == 'sigmoid' else 'orpo'}_loss with weights or embeddings has no "
+                         f"{backend!r} backend; use backend='auto', 'triton' or 'torch'")  # fmt: skip
+    use_triton = resolved == "triton"
 
     # 1. per-sample errors (e_ref = 0 for the reference-free ORRPO)
     if use_triton:

@@ -5,7 +5,9 @@ Math (``shared/DESIGN.md`` §1–§2; the readable form is :mod:`fastpref.refere
     e_θ[k]   = mean_S (model_pred[k] − target[k])²        k = 0 … 2B−1 (winners, then losers)
     e_ref[k] = mean_S (ref_pred[k]   − target[k])²        (or a precomputed ref_err)
     u_i      = −½·β·((e_θ[w_i] − e_θ[l_i]) − (e_ref[w_i] − e_ref[l_i]))
-    ℓ_i      = ℓ(u_i)            sigmoid / hinge / ipo / dmpo, chosen by the LOSS constexpr
+    ℓ_i      = ℓ(u_i)            sigmoid / hinge / ipo / dmpo / dro, chosen by the LOSS constexpr
+               ℓ(e_θ[w_i], e_θ[l_i])   mapo / orpo (reference-free)
+    ℓ_k      = ℓ(e_θ[k], e_ref[k], y_k, z)   kto: unpaired rows, any N (row p + B absent when ≥ N)
     ∂ℓ_i/∂model_pred[k] = ∂ℓ_i/∂e_θ[k] · 2·(model_pred[k] − target[k]) / D
 
 Three launches per training step:
@@ -52,6 +54,10 @@ __all__ = [
 #: C++/CUDA backends mirror these numbers. Ids 0–4 are functions of d = Δθ − Δref; 5 and 6 are
 #: reference-free (functions of e_θ[w], e_θ[l]); 7 is unpaired (one loss per row).
 LOSS_IDS = {"sigmoid": 0, "hinge": 1, "ipo": 2, "dmpo": 3, "dro": 4, "mapo": 5, "orpo": 6, "kto": 7}
+#: what the finalize kernel's scalars mean per id (``beta``, ``c0``, ``c1``; u = −½·β·d for ids 0–4):
+#:   0 sigmoid, 1 hinge: β, –, –          2 ipo: β, 1/(2β), –        3 dmpo: β, log(1 − α), log α
+#:   4 dro: β = 2 (so u = −d), margin m, –                            5 mapo: β_M, s, T
+#:   6 orpo: likelihood scale β (log p = −½βe), λ, –                  7 kto: β, λ_desirable, λ_undesirable
 REF_FREE_LOSSES = ("mapo", "orpo")
 UNPAIRED_LOSSES = ("kto",)
 

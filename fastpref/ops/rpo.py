@@ -241,7 +241,7 @@ class RPORows(torch.autograd.Function):
             w = mw32  # unused pointer
             k = a.shape[1]
         else:
-            w = weights.detach()
+            w = weights.detach().to(torch.float32)  # one (M, N) fp32 operand, whatever the user's dtype
             if w.stride(1) != 1:
                 w = w.contiguous()
             a = b = mw32  # unused pointers
