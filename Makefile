@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.fastpref-installed
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test clean
+.PHONY: install test demo clean
 
 $(STAMP): requirements.txt pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,6 +21,10 @@ install: $(STAMP)
 # pytest exits 5 when it collects no test: that is a failure here, not a pass.
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# DMPO's 2-D study (seed 002 §5.1) on the CPU: table, CSV and PNG; the last line names the folder.
+demo: $(STAMP)
+	$(PY) -m fastpref.demos.toy2d
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -14,8 +14,16 @@ Providers
                        ``torch`` is the eager provider). Triton on a CPU runs only through its
                        interpreter, a correctness tool (~0.3 ms per op per program): never timed.
 
+Cases: :class:`Case` (the pair loss) and ``benchmarks.rpo.RpoCase`` (the RPO M×M loss) each know
+their inputs, their eager function, their fastpref call and their bytes moved; everything else here
+is shared.
+
 Modes: ``forward`` (the loss with ``model_pred.requires_grad``, as in training), ``backward``
 (``loss.backward()`` alone, the forward run untimed before each repetition), ``full`` (both).
+
+Times: wall time per call (CUDA events after an L2 flush on a GPU, ``perf_counter`` on a CPU), its
+median, p20 and p80; on a CPU also the median process CPU time, which — unlike wall time — does not
+grow while other processes hold the cores (the machines here are shared; each row records the load).
 
 Bytes moved (the floor any implementation must move; the same for every provider), with
 N = 2B·D elements of s bytes: forward reads ``model_pred``, ``ref_pred`` (not with ``ref_err``) and
@@ -35,7 +43,6 @@ import math
 import os
 import platform
 import time
-import warnings
 from typing import Callable
 
 import numpy as np
@@ -229,13 +236,20 @@ COMPILE = Provider("torch_compile", _compiled)
 
 
 def _triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    from fastpref.ops import triton_available
+
+    if not triton_available():
+        return False
+    from fastpref.ops.pair_loss import interpreter_enabled
+
+    return interpreter_enabled()
 
 
 def discover_providers(device: torch.device, only: tuple[str, ...] | None = None):
     """The providers that run on ``device``: ``(providers, skipped)`` where ``skipped`` maps a
-    provider name to the reason it is left out. Each fastpref backend is probed with a tiny call;
-    one that raises, or warns (e.g. falls back to another backend), is skipped with that message."""
+    provider name to the reason it is left out. Each fastpref backend is probed with a tiny forward
+    and backward; one that raises (an explicitly requested backend that cannot run raises a
+    ``ValueError`` saying why, it never falls back) is skipped with that message."""
     providers, skipped = [EAGER, COMPILE], {}
     probe_case = Case("tiny", 1)
     for backend in losses.BACKENDS:
@@ -253,14 +267,9 @@ def discover_providers(device: torch.device, only: tuple[str, ...] | None = None
         fn = probe_case.fastpref(backend)
         inputs = probe_case.inputs(device)
         try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                fn(**inputs).backward()
+            fn(**inputs).backward()
         except Exception as exc:  # noqa: BLE001 — any failure means "not available here"; say why
             skipped[name] = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            continue
-        if caught:
-            skipped[name] = f"warned on a probe call: {caught[0].message}"
             continue
         providers.append(Provider(name, _fastpref(backend)))
     if only is not None:

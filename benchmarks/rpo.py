@@ -5,7 +5,8 @@
 Each case holds M pairs of small latents (4×8×8, so the per-sample errors are cheap and the M×M part
 dominates), precomputed ``ref_err`` and (M, 768) fp32 embeddings (CLIP ViT-L/14 width). The eager
 provider is the reference composition (errors → ``clip_pair_weights_ref`` → ``rpo``, the M×M
-matrices materialised, as the paper's code does); ``fastpref-<backend>`` calls ``fastpref.rpo_loss``.
+matrices materialised, as the paper's code does); ``fastpref-<backend>`` calls ``fastpref.rpo_loss``
+for the backends with a fused RPO kernel (:data:`FUSED_RPO_BACKENDS`).
 Skipped, with the reason, while ``fastpref.rpo_loss`` does not exist.
 
 Bytes moved count the inputs (latents and embeddings, the latter read again in backward to recompute
@@ -26,6 +27,9 @@ from fastpref import reference
 from benchmarks import harness
 
 TAU = 0.01  # RPO's SD1.5 temperature
+# Backends with a fused RPO kernel (fastpref/ops/rpo.py). Another backend would run rpo_loss through
+# the PyTorch reference and be timed under a fastpref label, so it is skipped with that reason.
+FUSED_RPO_BACKENDS = ("triton",)
 EMB_DIM = 768  # CLIP ViT-L/14
 SAMPLE_SHAPE = (4, 8, 8)
 
@@ -93,6 +97,8 @@ class RpoCase:
         return rpo_eager
 
     def fastpref(self, backend: str):
+        if backend not in FUSED_RPO_BACKENDS:
+            raise NotImplementedError(f"no fused RPO kernel for backend={backend!r} (it would time the reference)")
         return functools.partial(_rpo, backend=backend)
 
 

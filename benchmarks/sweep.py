@@ -10,9 +10,9 @@ writes, under ``benchmarks/results/`` (or ``--out PREFIX``):
   bandwidth (the roofline); RPO time against M when the RPO benchmark ran.
 
 Presets
-    ``cpu``    ``make bench``: every latent shape at 1/4/8/32 pairs (video at 1/4) in fp32 with a full
+    ``cpu``    ``make bench``: every latent shape at 1/4/8/32 pairs (video at 1) in fp32 with a full
                target and ``ref_pred``, plus every dtype × target × ref variant on SDXL×4; RPO
-               M = 8…4096. A few minutes on a 2-core CPU.
+               M = 8, 32, 128, 512, 2048. A few minutes on a quiet 2-core CPU.
     ``gpu``    ``make bench-gpu``: every shape × pairs 1/4/8/32 in bf16 and fp32 (full target,
                ``ref_pred``), plus the target × ref variants on every shape at 8 pairs in both dtypes;
                RPO M = 8…4096.
@@ -43,6 +43,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PAIRS = (1, 4, 8, 32)
 LATENTS = ("sd15", "sdxl", "sd3", "video")
 RPO_M = tuple(2**k for k in range(3, 13))  # 8 … 4096
+RPO_M_CPU = (8, 32, 128, 512, 2048)  # eager M = 4096 takes seconds per call on a CPU
 
 
 def _variants(shape: str, pairs: int, dtypes, loss: str) -> list[Case]:
@@ -60,7 +61,7 @@ def preset_cases(preset: str, loss: str = "sigmoid") -> list[Case]:
         main = [
             Case(shape, pairs, loss=loss)
             for shape in LATENTS
-            for pairs in (PAIRS if shape != "video" else (1, 4))  # video ×8/×32: GBs per tensor on a CPU
+            for pairs in (PAIRS if shape != "video" else (1,))  # video ×4…×32: seconds per eager call on a CPU
         ]
         cases = main + _variants("sdxl", 4, ("fp32", "bf16"), loss)
     elif preset == "gpu":
@@ -80,11 +81,11 @@ def preset_cases(preset: str, loss: str = "sigmoid") -> list[Case]:
 
 PRESET_TIMING = {
     "smoke": Timing(warmup=1, min_reps=3, max_reps=5, budget_s=0.0),
-    "cpu": Timing(warmup=2, min_reps=7, max_reps=50, budget_s=0.25),
+    "cpu": Timing(warmup=2, min_reps=5, max_reps=50, budget_s=0.25),
     "gpu": Timing(warmup=10, min_reps=20, max_reps=200, budget_s=0.1),
     "full": Timing(warmup=10, min_reps=20, max_reps=200, budget_s=0.1),
 }
-PRESET_RPO = {"smoke": (8,), "cpu": RPO_M, "gpu": RPO_M, "full": RPO_M}
+PRESET_RPO = {"smoke": (8,), "cpu": RPO_M_CPU, "gpu": RPO_M, "full": RPO_M}
 
 
 def _slug(text: str) -> str:
@@ -122,6 +123,9 @@ def run(
     bad = set(modes) - set(MODES)
     if bad:
         raise ValueError(f"modes must be among {MODES}, got {sorted(bad)}")
+    bad = set(shapes or ()) - set(LATENTS) - ({"tiny"} if preset == "smoke" else set())
+    if bad:
+        raise ValueError(f"shapes must be among {LATENTS}, got {sorted(bad)}")
     timing = timing or PRESET_TIMING[preset]
     cases = [
         c
@@ -165,6 +169,8 @@ def run(
         "elapsed_s": round(time.time() - started, 1),
         "skipped": skipped,
         "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "fastpref": str(Path(harness.fastpref.__file__).parent),
     }
     paths = {"csv": out.with_suffix(".csv"), "md": out.with_suffix(".md"), "json": out.with_suffix(".json")}
     write_csv(rows, paths["csv"])
@@ -195,8 +201,83 @@ def write_csv(rows, path: Path) -> None:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
 
 
+_TEXT = {"timestamp", "device", "device_name", "torch", "triton", "op", "provider", "loss", "mode", "shape",
+         "sample_shape", "dtype", "target", "ref"}  # fmt: skip
+
+
+def read_csv(path) -> list[dict]:
+    """Rows of a sweep CSV with their numbers parsed back."""
+    with open(path, newline="") as f:
+        return [
+            {k: v if k in _TEXT else (int(v) if k in ("pairs", "threads", "reps", "elements", "bytes_moved") else float(v))
+             for k, v in r.items()}
+            for r in csv.DictReader(f)
+        ]  # fmt: skip
+
+
+def report(prefix) -> dict:
+    """Re-render ``PREFIX.md`` and ``PREFIX.png`` from ``PREFIX.csv`` and ``PREFIX.json`` (no run)."""
+    prefix = Path(prefix)
+    rows = read_csv(prefix.with_suffix(".csv"))
+    meta = json.loads(prefix.with_suffix(".json").read_text())
+    prefix.with_suffix(".md").write_text(markdown(rows, meta))
+    from benchmarks.plot import plot_rows
+
+    plot_rows(rows, harness.DeviceFacts(**meta["device"]), prefix.with_suffix(".png"))
+    return {"rows": rows, "meta": meta}
+
+
 def _fmt(v, spec="{:.3g}") -> str:
     return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else spec.format(v)
+
+
+def _case_key(r) -> str:
+    if r["op"] == "pair_loss":
+        return f"{r['shape']}×{r['pairs']} {r['dtype']} {r['target']} {r['ref']}"
+    return f"{r['op']} M={r['pairs']} {r['dtype']}"
+
+
+def summary(rows, mode: str = "full") -> list[str]:
+    """One line per case: every provider's median [p20–p80] ms side by side, the speed-ups of the
+    fastest fastpref provider (vs eager, vs compile) and its distance to the floor. On a CPU, the
+    speed-ups are also given on process CPU time (blind to time spent waiting for a core)."""
+    sel = [r for r in rows if r["mode"] == mode]
+    if not sel:
+        return []
+    provs = list(dict.fromkeys(r["provider"] for r in sel))
+    on_cpu = any(math.isfinite(r["cpu_ms_median"]) for r in sel)
+    extra = ["compile vs eager", "best fastpref vs eager", "vs compile"]
+    cols = ["case", "MB moved"] + [f"{p} ms" for p in provs] + extra + ["its % copy BW", "its × floor"]
+    if on_cpu:
+        cols += [f"{c}, CPU time" for c in extra]
+    out = [
+        f"### Summary: {mode}" + (" (forward + backward)" if mode == "full" else ""),
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + " --- |" * len(cols),
+    ]
+    for key in dict.fromkeys(_case_key(r) for r in sel):
+        by = {r["provider"]: r for r in sel if _case_key(r) == key}
+        cells = [key, _fmt(next(iter(by.values()))["bytes_moved"] / 2**20)]
+        cells += [
+            f"{_fmt(by[p]['ms_median'])} [{_fmt(by[p]['ms_p20'])}–{_fmt(by[p]['ms_p80'])}]" if p in by else "—"
+            for p in provs
+        ]
+        fast = [r for p, r in by.items() if p.startswith("fastpref-")]
+        best = min(fast, key=lambda r: r["ms_median"]) if fast else None
+
+        def ratios(col):
+            eager, comp = by.get("torch", {}).get(col), by.get("torch_compile", {}).get(col)
+            mine = best[col] if best else None
+            div = lambda a, b: a / b if a is not None and b else math.nan  # noqa: E731
+            return [div(eager, comp), div(eager, mine), div(comp, mine)]
+
+        cells += [_fmt(v, "{:.2f}") for v in ratios("ms_median")]
+        cells += [_fmt(best["pct_copy_bw"], "{:.0f}"), _fmt(best["x_floor"], "{:.1f}")] if best else ["—", "—"]
+        if on_cpu:
+            cells += [_fmt(v, "{:.2f}") for v in ratios("cpu_ms_median")]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
 
 
 def markdown(rows, meta) -> str:
@@ -213,6 +294,7 @@ def markdown(rows, meta) -> str:
     ]
     if meta["skipped"]:
         lines += ["Skipped:", ""] + [f"- `{k}`: {v}" for k, v in meta["skipped"].items()] + [""]
+    lines += summary(rows) + [""]
     header = (
         "| case | provider | median ms | p20–p80 ms | CPU ms | GB/s | % copy BW | × floor | vs eager | vs compile "
         "| peak MB | rel err | load |"
@@ -224,13 +306,8 @@ def markdown(rows, meta) -> str:
                 continue
             lines += [f"## {op}, {mode}", "", header, "|" + " --- |" * 13]
             for r in sel:
-                case = (
-                    f"{r['shape']}×{r['pairs']} {r['dtype']} {r['target']} {r['ref']}"
-                    if op == "pair_loss"
-                    else f"M={r['pairs']} {r['dtype']}"
-                )
                 lines.append(
-                    f"| {case} | {r['provider']} | {_fmt(r['ms_median'])} | "
+                    f"| {_case_key(r)} | {r['provider']} | {_fmt(r['ms_median'])} | "
                     f"{_fmt(r['ms_p20'])}–{_fmt(r['ms_p80'])} | {_fmt(r['cpu_ms_median'])} | {_fmt(r['gbps'])} | {_fmt(r['pct_copy_bw'], '{:.0f}')} | "
                     f"{_fmt(r['x_floor'], '{:.1f}')} | {_fmt(r['speedup_vs_eager'], '{:.2f}')} | "
                     f"{_fmt(r['speedup_vs_compile'], '{:.2f}')} | {_fmt(r['peak_mem_mb'], '{:.1f}')} | "
@@ -254,7 +331,12 @@ def main(argv=None) -> int:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-rpo", action="store_true", help="skip the RPO M×M benchmark")
+    p.add_argument("--rpo-only", action="store_true", help="only the RPO M×M benchmark")
+    p.add_argument("--report", metavar="PREFIX", help="only re-render PREFIX.md/.png from PREFIX.csv/.json")
     args = p.parse_args(argv)
+    if args.report:
+        report(args.report)
+        return 0
     run(
         args.preset,
         device=args.device,
@@ -266,7 +348,7 @@ def main(argv=None) -> int:
         plot=not args.no_plot,
         rpo=not args.no_rpo,
         threads=args.threads,
-        shapes=tuple(args.shapes.split(",")) if args.shapes else None,
+        shapes=() if args.rpo_only else tuple(args.shapes.split(",")) if args.shapes else None,
         dtypes=tuple(args.dtypes.split(",")) if args.dtypes else None,
     )
     return 0

@@ -140,8 +140,10 @@ def test_noise_and_timesteps_are_per_pair_and_epoch():
     assert middle(t_logit) > 0.58 and middle(t_uniform) < 0.58
     with pytest.raises(ValueError, match="weighting_scheme"):
         sample_noise_and_timesteps(flow, LATENT_SHAPE, [0], 0, SEED, weighting_scheme="cosine")
-    fp = lambda w: reference_fingerprint(tiny_sd3(), scheduler=flow, seed=SEED, dataset_fingerprint="d", weighting_scheme=w)  # noqa: E731
-    assert fp("none")["timestep_sampling"] != fp("logit_normal")["timestep_sampling"]
+    sd3 = tiny_sd3()
+    fp = {w: reference_fingerprint(sd3, scheduler=flow, seed=SEED, dataset_fingerprint="d", weighting_scheme=w)
+          for w in ("none", "logit_normal")}
+    assert fp["none"]["timestep_sampling"] != fp["logit_normal"]["timestep_sampling"]
 
 
 def test_noising_matches_the_diffusers_schedulers():
@@ -201,7 +203,8 @@ def _tiny_text_encoder():
 
 def _image_pairs(n, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [{"pixel_values": torch.rand(2, 3, 16, 16, generator=g) * 2 - 1, "caption": f"a red square {i}"} for i in range(n)]
+    return [{"pixel_values": torch.rand(2, 3, 16, 16, generator=g) * 2 - 1, "caption": f"a red square {i}"}
+            for i in range(n)]
 
 
 def test_latent_cache_stores_what_the_encoders_give_and_refuses_changes(tmp_path):
@@ -273,7 +276,8 @@ def test_precompute_cli_on_a_latent_cache(tmp_path):
     unet = UNet2DConditionModel.from_pretrained(tmp_path / "pipe", subfolder="unet")
     scheduler = DDPMScheduler.from_pretrained(tmp_path / "pipe", subfolder="scheduler")
     cache = RefErrorCache.load(
-        out, reference_fingerprint(unet, scheduler=scheduler, seed=SEED, dataset_fingerprint=latents.dataset_fingerprint)
+        out,
+        reference_fingerprint(unet, scheduler=scheduler, seed=SEED, dataset_fingerprint=latents.dataset_fingerprint),
     )
     assert cache.ref_err.shape == (2, 3, 2)
     want = precompute_reference_errors(

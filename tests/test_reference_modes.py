@@ -86,9 +86,10 @@ def test_every_mode_gives_the_same_loss_and_gradient(kind):
     results = {}
     for name, mode in modes.items():
         out = mode(model, inputs, pair_indices=torch.tensor(BATCH), epoch=EPOCH)
+        kw = dict(ref_err=out.ref_err, beta=beta, backend="torch")
         losses = {
-            "dpo": fastpref.dpo_loss(out.model_pred, out.ref_pred, target, ref_err=out.ref_err, beta=beta, backend="torch"),
-            "dmpo": fastpref.dmpo_loss(out.model_pred, out.ref_pred, target, ref_err=out.ref_err, beta=beta, backend="torch"),
+            "dpo": fastpref.dpo_loss(out.model_pred, out.ref_pred, target, **kw),
+            "dmpo": fastpref.dmpo_loss(out.model_pred, out.ref_pred, target, **kw),
         }
         grads = torch.autograd.grad(losses["dpo"], lora)
         results[name] = ({k: v.detach() for k, v in losses.items()}, grads)
@@ -99,7 +100,9 @@ def test_every_mode_gives_the_same_loss_and_gradient(kind):
     for name, (losses, grads) in results.items():
         for loss_name in losses:
             tol = 1e-11
-            torch.testing.assert_close(losses[loss_name], want_losses[loss_name], rtol=tol, atol=tol, msg=f"{name} {loss_name}")
+            torch.testing.assert_close(
+                losses[loss_name], want_losses[loss_name], rtol=tol, atol=tol, msg=f"{name} {loss_name}"
+            )
         for g, w in zip(grads, want_grads):
             torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10 * w.abs().max().item(), msg=f"{name} gradient")
 
@@ -172,3 +175,32 @@ def test_bad_configurations_are_refused_with_a_clear_message():
     model.enable_gradient_checkpointing()
     with pytest.raises(ValueError, match="gradient checkpointing"):
         BatchedReference()(model, inputs)
+
+
+def test_trainer_batched_mode_matches_adapter_off(tmp_path):
+    """fastpref-train --reference_mode batched: the same predictions, step by step, as adapter_off
+    (same seed, so the same batches and noise); at step 2 the adapter is non-zero, so the policy and
+    reference rows differ and the mask is exercised."""
+    from fastpref.train import TrainConfig, train
+    from fastpref.train.models import build_tiny_model
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    seen = {}
+    try:
+        for mode in ("adapter_off", "batched"):
+            cfg = TrainConfig(
+                output_dir=str(tmp_path / mode), max_train_steps=2, train_batch_size=2, synthetic_size=16, eval_pairs=4,
+                num_inference_steps=2, checkpointing_steps=1000, report_to="csv", learning_rate=1e-2, loss="dpo",
+                lora_rank=4, reference_mode=mode,
+            )
+            train(cfg, model=build_tiny_model("fastpref:tiny-unet", sample_size=8),
+                  on_step=lambda step, out, mode=mode: seen.setdefault((mode, step), out))
+    finally:
+        torch.set_num_threads(n)
+    for step in (1, 2):
+        a, b = seen[("adapter_off", step)], seen[("batched", step)]
+        torch.testing.assert_close(b.model_pred, a.model_pred)
+        torch.testing.assert_close(b.ref["ref_pred"], a.ref["ref_pred"])
+        assert not b.ref["ref_pred"].requires_grad
+    assert (seen[("batched", 2)].model_pred - seen[("batched", 2)].ref["ref_pred"]).abs().max() > 1e-4

@@ -302,3 +302,112 @@ def test_synthetic_preference_follows_its_reward():
     caps = [ds[i]["caption"] for i in range(64)]
     assert bool((ds.reward(pix[:, 0], caps) > ds.reward(pix[:, 1], caps)).all())
     assert torch.equal(ds[5]["pixel_values"], ds[5]["pixel_values"])  # generated on the fly, deterministic
+
+
+# ----------------------------------------------------------------------------------------------
+# Real-data formats: Pick-a-Pic v2 parquet and a metadata.jsonl folder; bad rows skipped and counted
+# ----------------------------------------------------------------------------------------------
+
+
+def _jpeg(color) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (24, 20), color).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _pickapic_rows():
+    red, blue = _jpeg((220, 20, 20)), _jpeg((20, 20, 220))
+    return [  # (jpg_0, jpg_1, label_0, caption)
+        (red, blue, 1.0, "a red disc"),
+        (blue, red, 0.0, "a red disc"),  # image 1 preferred: the loader must swap
+        (red, blue, 0.5, "a tie"),  # dropped: tie
+        (red, blue, 1.0, None),  # dropped: no caption
+        (red, blue, 1.0, "   "),  # dropped: empty caption
+        (b"not a jpeg", blue, 1.0, "corrupt"),  # skipped when decoded
+    ] + [(red, blue, 1.0, f"a red disc {i}") for i in range(10)]
+
+
+def test_pickapic_parquet_drops_ties_and_counts_bad_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fastpref.train.data import PickAPicParquet, build_dataset, collate_pairs
+
+    rows = _pickapic_rows()
+    table = pa.table({k: [r[i] for r in rows] for i, k in enumerate(("jpg_0", "jpg_1", "label_0", "caption"))})
+    pq.write_table(table, tmp_path / "train-0.parquet", row_group_size=4)
+    ds = build_dataset(str(tmp_path), resolution=8)
+    assert isinstance(ds, PickAPicParquet)
+    assert dict(ds.skipped) == {"tie": 1, "missing_caption": 2}
+    assert len(ds) == len(rows) - 3
+    first, swapped = ds[0], ds[1]
+    assert first["pixel_values"].shape == (2, 3, 8, 8)
+    for item in (first, swapped):  # the winner (slot 0) is the red image either way
+        assert item["pixel_values"][0, 0].mean() > 0.5 and item["pixel_values"][1, 2].mean() > 0.5
+    assert ds[2] is None  # the corrupt row
+    batch = collate_pairs([ds[0], ds[2], ds[3]])
+    assert batch["corrupt"] == 1 and batch["pixel_values"].shape[0] == 2
+    # it trains, and the corrupt image is counted in the log
+    cfg = config(tmp_path, dataset=str(tmp_path / "train-0.parquet"), max_train_steps=4, max_train_pairs=4,
+                 eval_pairs=0, train_batch_size=2)
+    result = train(cfg, model=tiny())
+    assert result.global_step == 4 and result.data_skipped == {"tie": 1, "missing_caption": 2}
+    assert int(read_rows(os.path.join(cfg.output_dir, "logs", "train.csv"))[-1]["corrupt_images"]) == 2  # 2 epochs
+
+
+def test_folder_layout_and_empty_dataset(tmp_path):
+    import json
+
+    from fastpref.train.data import FolderPairs, build_dataset
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.jpg").write_bytes(_jpeg((220, 20, 20)))
+    (tmp_path / "img" / "b.jpg").write_bytes(_jpeg((20, 20, 220)))
+    lines = [{"image_0": "img/a.jpg", "image_1": "img/b.jpg", "label_0": 0, "caption": "a blue disc"},
+             {"image_0": "img/a.jpg", "image_1": "img/b.jpg", "label_0": 0.5, "caption": "tie"}]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n{broken\n")
+    ds = build_dataset(str(tmp_path), resolution=8)
+    assert isinstance(ds, FolderPairs) and len(ds) == 1
+    assert dict(ds.skipped) == {"tie": 1, "bad_metadata_line": 1}
+    assert ds[0]["pixel_values"][0, 2].mean() > 0.5  # image_1 (blue) won
+    (tmp_path / "metadata.jsonl").write_text(json.dumps(lines[1]) + "\n")
+    with pytest.raises(ValueError, match=r"no usable preference pair \(1 tie\)"):
+        build_dataset(str(tmp_path), resolution=8)
+    with pytest.raises(ValueError, match="expected 'synthetic', a Pick-a-Pic"):
+        build_dataset(str(tmp_path / "nowhere.txt"), resolution=8)
+
+
+def test_supervised_warmup_becomes_the_reference_and_is_reused(tmp_path):
+    cfg = config(tmp_path, sft_steps=3, sft_learning_rate=1e-2, loss="dpo", lora_rank=0, max_train_steps=1)
+    model = tiny()
+    start = {k: v.clone() for k, v in model.denoiser.state_dict().items()}
+    first = []
+    train(cfg, model=model, on_step=lambda step, out: first.append(out))
+    folder = os.path.join(cfg.output_dir, "sft_model")
+    warmed = load_model(folder).denoiser.state_dict()
+    assert any(not torch.equal(start[k], warmed[k]) for k in start), "the warm-up did not train"
+    # step 1 starts from the warmed-up model, and it is the reference: u = 0 exactly
+    assert torch.equal(first[0].model_pred, first[0].ref["ref_pred"])
+    # a second run with the same settings reuses the saved warm-up instead of repeating it
+    os.utime(os.path.join(folder, "fastpref_sft.json"))
+    mtime = os.path.getmtime(os.path.join(folder, "model_index.json"))
+    train(config(tmp_path, sft_steps=3, sft_learning_rate=1e-2, loss="dpo", lora_rank=0, max_train_steps=1,
+                 resume_from_checkpoint="latest"), model=tiny())
+    assert os.path.getmtime(os.path.join(folder, "model_index.json")) == mtime
+
+
+def test_bf16_mixed_precision_lora_step(tmp_path):
+    captured = []
+    cfg = config(tmp_path, mixed_precision="bf16", lora_rank=4, loss="dmpo", max_train_steps=2)
+    model = tiny()
+    train(cfg, model=model, on_step=lambda step, out: captured.append(out))
+    pred = captured[0].model_pred  # accelerate hands the output back in fp32; its values are bf16's
+    assert torch.equal(pred, pred.bfloat16().float()) and not torch.equal(pred, torch.zeros_like(pred))
+    assert all(p.dtype == torch.float32 for n, p in model.denoiser.named_parameters() if p.requires_grad)
+    assert all(p.dtype == torch.bfloat16 for n, p in model.denoiser.named_parameters() if "lora" not in n)
+    rows = read_rows(os.path.join(cfg.output_dir, "logs", "train.csv"))
+    assert all(torch.isfinite(torch.tensor(float(r["loss"]))) for r in rows)

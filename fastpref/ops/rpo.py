@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastpref.ops.pair_loss import LOSS_IDS, _orpo_log_odds_and_grad, _sigmoid, _softplus, interpreter_enabled
+from fastpref.ops.pair_loss import LOSS_IDS, _log1p, _orpo_log_odds_and_grad, _sigmoid, interpreter_enabled
 
 __all__ = ["RPO_KINDS", "rpo_launch_config", "fused_rpo_rows", "gather_losers", "gather_constant"]
 
@@ -50,6 +50,14 @@ def _rpo_logit(e, r, beta, LOSS: tl.constexpr):
         x = -0.5 * beta * (e - r)
         dx = tl.zeros_like(e) - 0.5 * beta
     return x, dx
+
+
+@triton.jit
+def _neg_logsigmoid_and_sigmoid(u):
+    """softplus(−u) = −log σ(u) and σ(−u) sharing one exp (the M×N inner loop is exp-bound)."""
+    e = tl.exp(-tl.abs(u))
+    inv = 1.0 / (1.0 + e)
+    return tl.where(u > 0.0, 0.0, -u) + _log1p(e), tl.where(u > 0.0, e * inv, inv)
 
 
 @triton.jit
@@ -124,22 +132,24 @@ def _rpo_rows_fwd_kernel(
             else:
                 w = tl.load(w_ptr + i[:, None] * stride_w + j[None, :], mask=mi[:, None] & mj[None, :], other=0.0)
                 w = w.to(tl.float32)
-            wu = w * u
-            loss += tl.sum(tl.where(mj[None, :], _softplus(-wu), 0.0), axis=1) * inv_N
-            grad += tl.sum(tl.where(mj[None, :], -w * _sigmoid(-wu), 0.0), axis=1) * inv_N
+            sp, sig = _neg_logsigmoid_and_sigmoid(w * u)  # softplus(0) ≠ 0: mask the columns
+            loss += tl.sum(tl.where(mj[None, :], sp, 0.0), axis=1) * inv_N
+            grad -= tl.sum(tl.where(mj[None, :], w * sig, 0.0), axis=1) * inv_N
         elif FROM_EMB:  # online: rescale the running sums whenever the row max grows
             new_max = tl.maximum(row_max, tl.max(s, axis=1))
             alpha = tl.exp(row_max - new_max)
-            p = tl.exp(s - new_max[:, None])  # 0 in the masked columns (s = −inf)
+            p = tl.exp(s - new_max[:, None])  # 0 in the masked columns (s = −inf; y = finite there)
+            sp, sig = _neg_logsigmoid_and_sigmoid(u)
             row_sum = row_sum * alpha + tl.sum(p, axis=1)
-            loss = loss * alpha + tl.sum(tl.where(mj[None, :], p * _softplus(-u), 0.0), axis=1)
-            grad = grad * alpha + tl.sum(tl.where(mj[None, :], -p * _sigmoid(-u), 0.0), axis=1)
+            loss = loss * alpha + tl.sum(p * sp, axis=1)
+            grad = grad * alpha - tl.sum(p * sig, axis=1)
             row_max = new_max
-        else:
+        else:  # w = 0 in the masked columns
             w = tl.load(w_ptr + i[:, None] * stride_w + j[None, :], mask=mi[:, None] & mj[None, :], other=0.0)
             w = w.to(tl.float32)
-            loss += tl.sum(tl.where(mj[None, :], w * _softplus(-u), 0.0), axis=1)
-            grad += tl.sum(tl.where(mj[None, :], -w * _sigmoid(-u), 0.0), axis=1)
+            sp, sig = _neg_logsigmoid_and_sigmoid(u)
+            loss += tl.sum(w * sp, axis=1)
+            grad -= tl.sum(w * sig, axis=1)
     if FROM_EMB and not WEIGHT_INSIDE:
         loss = loss / row_sum
         grad = grad / row_sum
@@ -197,7 +207,7 @@ def _rpo_cols_bwd_kernel(
             dy_tile = w * _sigmoid(-w * u) * inv_N
         else:  # ∂(W·softplus(−(x − y)))/∂y = W·σ(−u)
             dy_tile = w * _sigmoid(-u)
-        acc += tl.sum(tl.where(mi[:, None] & mj[None, :], g[:, None] * dy_tile, 0.0), axis=0)
+        acc += tl.sum(g[:, None] * dy_tile, axis=0)  # g = 0 in masked rows, w = 0 in masked columns
     tl.store(dl_dml_ptr + j, acc * dy, mask=mj)
 
 

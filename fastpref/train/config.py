@@ -42,6 +42,10 @@ class TrainConfig:
     alpha: float = 0.01  # DMPO's α
     reference_mode: str = "auto"
     weighting_scheme: str = "logit_normal"  # flow matching timestep density (diffusers' SD3 scripts)
+    # -- optional supervised warm-up: plain diffusion loss on both images of each pair, then the
+    #    preference loss starts from (and uses as its reference) the warmed-up model
+    sft_steps: int = 0
+    sft_learning_rate: float | None = None  # None: --learning_rate
     # -- what is trained
     lora_rank: int = 8  # 0 = full fine-tune
     lora_alpha: int | None = None  # None: = lora_rank
@@ -125,13 +129,15 @@ class TrainConfig:
         for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps",
                      "logging_steps", "num_inference_steps", "synthetic_size"):
             positive_int(name)
-        for name in ("lr_warmup_steps", "validation_steps", "eval_pairs", "dataloader_num_workers", "seed",
+        for name in ("sft_steps", "lr_warmup_steps", "validation_steps", "eval_pairs", "dataloader_num_workers", "seed",
                      "validation_seed"):
             positive_int(name, allow_zero=True)
         for name in ("max_train_pairs", "checkpoints_total_limit", "resolution"):
             if getattr(self, name) is not None:
                 positive_int(name)
         finite("learning_rate", 0.0)
+        if self.sft_learning_rate is not None:
+            finite("sft_learning_rate", 0.0)
         finite("adam_weight_decay", 0.0, strict=False)
         finite("adam_epsilon", 0.0)
         finite("max_grad_norm", 0.0)

@@ -31,7 +31,7 @@ from fastpref.stats import implicit_accuracy
 from fastpref.train.config import TrainConfig
 from fastpref.train.data import EpochSampler, build_dataset, collate_pairs
 from fastpref.train.metrics import MetricsLogger, plot_curves
-from fastpref.train.models import LORA_TARGET_MODULES, DiffusionModel, frozen_copy, load_model
+from fastpref.train.models import LORA_TARGET_MODULES, DiffusionModel, frozen_copy, load_model, save_model
 from fastpref.train.objectives import get_objective
 from fastpref.train.ref import NEEDS_FROZEN_COPY, REFERENCE_MODES, ReferenceMode, resolve_reference_mode
 
@@ -96,11 +96,87 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB → MiB (process peak RSS)
 
 
+def _default_prompts(dataset, indices: list[int], n: int = 4) -> list[str]:
+    """The first ``n`` distinct captions of readable pairs (held-out ones first)."""
+    out: list[str] = []
+    for i in indices:
+        item = dataset[i]
+        if item is not None and item["caption"] not in out:
+            out.append(item["caption"])
+        if len(out) == n:
+            break
+    return out
+
+
 def _checkpoints(output_dir: str) -> list[str]:
     if not os.path.isdir(output_dir):
         return []
     names = [d for d in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", d)]
     return [os.path.join(output_dir, d) for d in sorted(names, key=lambda d: int(d.split("-")[1]))]
+
+
+def supervised_warmup(model: DiffusionModel, dataset, indices: list[int], cfg: TrainConfig, accelerator) -> DiffusionModel:
+    """``cfg.sft_steps`` steps of the plain diffusion loss (MSE to the target) on both images of every
+    pair — no preference — so that preference training starts from a model that can generate the
+    data (a randomly initialised model cannot: DPO from scratch only pushes errors apart). The result
+    is saved in ``output_dir/sft_model`` and reused when the same run is resumed.
+
+    Every process runs the same seeded warm-up (no gradient sync needed: they agree bit for bit)."""
+    from tqdm.auto import tqdm
+
+    folder = os.path.join(cfg.output_dir, "sft_model")
+    lr = cfg.sft_learning_rate or cfg.learning_rate
+    marker = {"model": cfg.pretrained_model_name_or_path, "sft_steps": cfg.sft_steps, "seed": cfg.seed,
+              "dataset": cfg.dataset, "learning_rate": lr, "train_batch_size": cfg.train_batch_size}
+    marker_path = os.path.join(folder, "fastpref_sft.json")
+    if os.path.isfile(marker_path):
+        with open(marker_path) as fh:
+            if json.load(fh) == marker:
+                accelerator.print(f"supervised warm-up: reusing {folder}")
+                return load_model(folder, weighting_scheme=model.weighting_scheme)
+    device = accelerator.device
+    for m in model.frozen_modules():
+        m.requires_grad_(False).eval().to(device)
+    denoiser = model.denoiser.to(device).train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(denoiser.parameters(), lr=lr, weight_decay=cfg.adam_weight_decay)
+    sampler = EpochSampler(indices, cfg.seed + 1)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train_batch_size, sampler=sampler, drop_last=True,
+                                         collate_fn=collate_pairs, num_workers=cfg.dataloader_num_workers)
+    step, epoch = 0, 0
+    progress = tqdm(total=cfg.sft_steps, desc="sft", disable=not accelerator.is_main_process)
+    while step < cfg.sft_steps:
+        sampler.set_epoch(epoch)
+        for batch_idx, batch in enumerate(loader):
+            if batch["pixel_values"] is None:
+                continue
+            g = step_generator(cfg.seed, 1 << 21, epoch, batch_idx)
+            pixels = batch["pixel_values"].to(device)
+            latents = model.encode_images(torch.cat([pixels[:, 0], pixels[:, 1]]), g)
+            cond = model.encode_prompts(batch["caption"], device)
+            noised = model.noise_pairs(latents, g)
+            with accelerator.autocast():
+                pred = model.predict(denoiser, noised.noisy, noised.timesteps,
+                                     {k: torch.cat([v, v]) for k, v in cond.items()})
+            target = noised.target if noised.target.shape[0] == pred.shape[0] else torch.cat([noised.target] * 2)
+            loss = torch.nn.functional.mse_loss(pred.float(), target.float())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(denoiser.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            progress.update(1)
+            progress.set_postfix(mse=f"{loss.item():.4f}")
+            if step >= cfg.sft_steps:
+                break
+        epoch += 1
+    progress.close()
+    denoiser.requires_grad_(False)
+    if accelerator.is_main_process:
+        save_model(model, folder)
+        with open(marker_path, "w") as fh:
+            json.dump(marker, fh)
+    accelerator.wait_for_everyone()
+    return model
 
 
 def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None, on_step=None) -> TrainResult:
@@ -113,6 +189,12 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
     cfg.validate()
     objective = get_objective(cfg.loss)
     mode_name = resolve_reference_mode(cfg, objective)
+    # accelerate keeps process-wide singletons; a second train() in one process (tests, notebooks) may
+    # use another mixed precision. The distributed part (PartialState) is kept.
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -142,6 +224,8 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
     if resolution % model.vae_scale_factor:
         raise ValueError(f"--resolution {resolution} must be a multiple of the VAE's factor {model.vae_scale_factor}")
     dataset.resolution = resolution
+    if cfg.sft_steps:
+        model = supervised_warmup(model, dataset, train_idx, cfg, accelerator)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     def place(module, dtype):  # .to(dtype) only when it changes something (diffusers warns otherwise)
         module.to(device)
@@ -258,7 +342,7 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
                           f"reference {mode_name}, {model.family}/{model.prediction_type}, {device}")
 
     prompts = cfg.validation_prompts or (dataset.prompts() if hasattr(dataset, "prompts") else
-                                         [dataset[i]["caption"] for i in eval_idx[:4] if dataset[i] is not None])
+                                         _default_prompts(dataset, eval_idx + train_idx))
 
     def evaluate(step: int) -> None:
         """Held-out implicit accuracy at fixed noise; a sample grid from fixed prompts and seeds; reward."""

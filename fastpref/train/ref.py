@@ -78,11 +78,28 @@ class AdapterOffReference(ReferenceMode):
         return {"ref_pred": ref_pred}
 
 
+class BatchedReference(ReferenceMode):
+    """LoRA: policy and reference rows in ONE forward with a per-sample adapter mask (peft's mixed-adapter
+    batch; :func:`fastpref.train.reference_modes.batched_policy_and_reference`)."""
+
+    name = "batched"
+
+    def predict(self, policy, noised, cond, batch):
+        from fastpref.train.reference_modes import batched_policy_and_reference
+
+        inputs = {"noisy": noised.noisy, "timesteps": noised.timesteps, "cond": cond}
+        model_pred, ref_pred = batched_policy_and_reference(
+            policy, inputs, forward=lambda m, x: self.model.predict(m, x["noisy"], x["timesteps"], x["cond"])
+        )
+        return model_pred, {"ref_pred": ref_pred}
+
+
 # name → factory(cfg, model, accelerator, frozen_copy_or_None) -> ReferenceMode
 REFERENCE_MODES: dict[str, Callable] = {
     "copy": lambda cfg, model, acc, ref_module: CopyReference(model, acc, ref_module),
     "adapter_off": lambda cfg, model, acc, ref_module: AdapterOffReference(model, acc),
     "none": lambda cfg, model, acc, ref_module: NoReference(model, acc),
+    "batched": lambda cfg, model, acc, ref_module: BatchedReference(model, acc),
 }
 NEEDS_FROZEN_COPY = {"copy"}
 
@@ -107,7 +124,7 @@ def resolve_reference_mode(cfg, objective) -> str:
                          "--reference_mode auto (or a reference-free loss)")
     if mode != "none" and not objective.needs_reference:
         raise ValueError(f"--loss {objective.name} is reference-free; use --reference_mode none or auto")
-    if mode == "adapter_off" and not cfg.is_lora:
-        raise ValueError("--reference_mode adapter_off needs LoRA (--lora_rank > 0); for a full fine-tune "
+    if mode in ("adapter_off", "batched") and not cfg.is_lora:
+        raise ValueError(f"--reference_mode {mode} needs LoRA (--lora_rank > 0); for a full fine-tune "
                          "(--lora_rank 0) use --reference_mode copy or auto")
     return mode

@@ -35,7 +35,6 @@ from fastpref.train.latent_cache import (
     _META_FINGERPRINT,
     _META_KIND,
     _read_metadata,
-    _sha256,
     check_fingerprint,
     config_fingerprint,
     derive_seed,
@@ -73,7 +72,13 @@ def _timestep_sampling(scheduler, weighting_scheme: str) -> str:
 
 
 def sample_noise_and_timesteps(
-    scheduler, latent_shape: Sequence[int], pair_indices, epoch: int, seed: int, *, weighting_scheme: str = "logit_normal"
+    scheduler,
+    latent_shape: Sequence[int],
+    pair_indices,
+    epoch: int,
+    seed: int,
+    *,
+    weighting_scheme: str = "logit_normal",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Deterministic noise ``(B, *latent_shape)`` (fp32, CPU) and timestep indices ``(B,)`` for the
     pairs ``pair_indices`` at ``epoch``: one generator per pair, seeded from (seed, pair, epoch),
@@ -187,7 +192,11 @@ def precompute_reference_errors(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")
     fingerprint = reference_fingerprint(
-        model, scheduler=scheduler, seed=seed, dataset_fingerprint=dataset_fingerprint, weighting_scheme=weighting_scheme
+        model,
+        scheduler=scheduler,
+        seed=seed,
+        dataset_fingerprint=dataset_fingerprint,
+        weighting_scheme=weighting_scheme,
     )
     param = next(model.parameters())
     device = torch.device(device) if device is not None else param.device
@@ -262,7 +271,8 @@ class RefErrorCache:
         if num_pairs != self.num_pairs or num_epochs > self.num_epochs:
             raise ValueError(
                 f"the reference-error cache holds {self.num_pairs} pairs × {self.num_epochs} epochs; this run "
-                f"needs {num_pairs} pairs × {num_epochs} epochs: rerun fastpref-precompute-ref with --epochs {num_epochs}"
+                f"needs {num_pairs} pairs × {num_epochs} epochs: rerun fastpref-precompute-ref with "
+                f"--epochs {num_epochs}"
             )
 
     def lookup(self, pair_indices, epoch: int) -> torch.Tensor:

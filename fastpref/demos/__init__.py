@@ -1,0 +1,1 @@
+"""Runnable demos of fastpref's losses (``make demo``); each is ``python -m fastpref.demos.<name>``."""
