@@ -230,6 +230,30 @@ def test_no_compiler_falls_back_to_reference_with_one_warning(monkeypatch):
         fastpref.dmpo_loss(model_pred, ref_pred, target, beta=beta, backend="cpu")
 
 
+def test_no_compiler_end_to_end(tmp_path):
+    """The real thing, in a fresh process: CXX points nowhere and the cache is empty → one warning
+    naming the compiler, and "auto" computes the reference's result."""
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-c++"), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"),
+               TRITON_INTERPRET="0")  # fmt: skip
+    code = (
+        "import warnings, torch, fastpref\n"
+        "from fastpref import reference\n"
+        "m, r, t = torch.randn(4, 3, 5), torch.randn(4, 3, 5), torch.randn(2, 3, 5)\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    outs = [fastpref.dmpo_loss(m, r, t, beta=3.0) for _ in range(2)]\n"
+        "msgs = [str(x.message) for x in w if 'fastpref' in str(x.message)]\n"
+        "assert len(msgs) == 1 and 'no-such-c++' in msgs[0], msgs\n"
+        "expected = reference.pair_loss_ref('dmpo', m, r, t, beta=3.0, alpha=0.01)[0]\n"
+        "assert all(torch.equal(o, expected) for o in outs)\n"
+        "print('ok')\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
 # ----------------------------------------------------------------------------------------------
 # The rest of the kernel family in C++: DRO, MaPO, ORPO (kto's unpaired rows stay on Triton/torch).
 # ----------------------------------------------------------------------------------------------

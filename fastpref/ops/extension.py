@@ -74,19 +74,38 @@ def build(with_cuda: bool) -> None:
     )
 
 
+def _reason(exc: Exception) -> str:
+    """One line: the compiler's complaint where there is one (torch's message ends in ninja's)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [""]
+    hit = next((line for line in lines if "not found" in line or "error:" in line.lower()), lines[-1])
+    return f"{type(exc).__name__}: {hit[:300]}"
+
+
+def _build_with_cpu_fallback() -> None:
+    if not _wants_cuda():
+        build(with_cuda=False)
+        return
+    try:
+        build(with_cuda=True)
+    except Exception as exc:  # a CUDA toolkit that does not fit this torch: keep the CPU op
+        warnings.warn(f"fastpref: the CUDA sources did not build ({type(exc).__name__}); building the CPU op only",
+                      RuntimeWarning, stacklevel=4)  # fmt: skip
+        build(with_cuda=False)
+
+
 def load() -> bool:
     """Build (first time on this machine) and load the extension; True on success. Never raises:
     the failure reason is kept for :func:`unavailable_reason`."""
     global _state
     if _state is None:
         try:
-            build(_wants_cuda())
+            _build_with_cpu_fallback()
             from fastpref.ops import library
 
             library.register()
             _state = (True, None)
         except Exception as exc:  # no compiler, no ninja, a compile error: fall back, say why
-            _state = (False, f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}")
+            _state = (False, _reason(exc))
             warnings.warn(
                 "fastpref: the C++ extension could not be built, so the CPU backend falls back to the PyTorch "
                 f"reference ({_state[1]}). Install a C++ compiler and ninja to get it.",
