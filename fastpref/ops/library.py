@@ -78,19 +78,6 @@ def register() -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-class _SavedTensors:
-    """Stands in for autograd's ctx when FusedPairLoss.forward runs inside a custom op: it keeps
-    what the forward saves, ``(model2d, target2d, dl_de)``."""
-
-    saved_tensors = ()
-
-    def save_for_backward(self, *tensors):
-        self.saved_tensors = tensors
-
-    def mark_non_differentiable(self, *tensors):
-        pass
-
-
 @torch.library.custom_op("fastpref::triton_pair_loss_fwd", mutates_args=())
 def _triton_fwd(
     model_pred: torch.Tensor,
@@ -104,12 +91,9 @@ def _triton_fwd(
     c1: float,
     reduction: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from fastpref.ops.pair_loss import FusedPairLoss
+    from fastpref.ops.pair_loss import pair_loss_forward
 
-    ctx = _SavedTensors()
-    out, margin, errors = FusedPairLoss.forward(ctx, model_pred, ref_pred, target, ref_err, labels, loss, beta, c0,
-                                                c1, reduction, None)  # fmt: skip
-    return out.clone() if out.dim() == 0 else out, margin, errors, ctx.saved_tensors[2]  # out: a view of a buffer
+    return pair_loss_forward(model_pred, ref_pred, target, ref_err, labels, loss, beta, c0, c1, reduction)
 
 
 def _num_items(loss: str, n):
@@ -130,15 +114,9 @@ def _(model_pred, ref_pred, target, ref_err, labels, loss, beta, c0, c1, reducti
 @torch.library.custom_op("fastpref::triton_pair_loss_bwd", mutates_args=())
 def _triton_bwd(grad_out: torch.Tensor, model_pred: torch.Tensor, target: torch.Tensor, dl_de: torch.Tensor,
                 loss: str, reduction: str) -> torch.Tensor:  # fmt: skip
-    from fastpref.ops.pair_loss import UNPAIRED_LOSSES, _rows, launch_config, pair_err_backward
+    from fastpref.ops.pair_loss import pair_loss_backward
 
-    n = model_pred.shape[0]
-    model2d, target2d = _rows(model_pred, n), _rows(target, target.shape[0])
-    num_pairs, numel = (n + 1) // 2, model2d.shape[1]
-    cfg = launch_config(num_pairs, numel, model2d.device)  # the forward's config: same arguments
-    coef = 2.0 / numel / (_num_items(loss, n) if reduction == "mean" else 1)  # as FusedPairLoss
-    grad = pair_err_backward(model2d, target2d, dl_de, grad_out, coef, num_pairs, cfg, loss in UNPAIRED_LOSSES)
-    return grad.view(model_pred.shape)
+    return pair_loss_backward(grad_out, model_pred, target, dl_de, loss, reduction)
 
 
 @_triton_bwd.register_fake

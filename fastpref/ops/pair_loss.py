@@ -45,6 +45,8 @@ __all__ = [
     "pair_err_partials",
     "pair_err_backward",
     "fused_pair_loss",
+    "pair_loss_forward",
+    "pair_loss_backward",
     "fused_pair_errors",
     "REF_FREE_LOSSES",
     "UNPAIRED_LOSSES",
@@ -488,52 +490,73 @@ def _loss_constants(loss: str, beta: float, alpha: float) -> tuple[float, float]
     return 0.0, 0.0
 
 
-class FusedPairLoss(torch.autograd.Function):
-    """Autograd wrapper: ``(model_pred, ref_pred | None, target, ref_err | None, labels | None) → loss``.
+def pair_loss_forward(model_pred, ref_pred, target, ref_err, labels, loss, beta, c0, c1, reduction, num_splits=None):
+    """The forward launches on validated inputs: ``(loss, margin, errors, dl_de)``.
 
-    Outputs ``(loss, margin, errors)``: the reduced (or per-pair / per-row) loss, u ``(B,)`` (``(N,)``
-    for kto) and the ``(2, N)`` fp32 errors (e_θ, e_ref; e_ref = 0 for reference-free losses); only
-    the loss is differentiable.
+    ``loss`` is the reduced (or per-pair / per-row) loss, margin u ``(B,)`` (``(N,)`` for kto), the
+    ``(2, N)`` fp32 errors (e_θ, e_ref; e_ref = 0 for reference-free losses) and ``dl_de`` ``(N,)``,
+    ∂ℓ/∂e_θ per row — all :func:`pair_loss_backward` needs besides ``model_pred`` and ``target``.
+    Shared by the autograd Function below and the ``torch.library`` op (:mod:`fastpref.ops.library`).
     """
+    n = model_pred.shape[0]
+    num_pairs = (n + 1) // 2
+    num_items = n if loss in UNPAIRED_LOSSES else num_pairs  # what "mean" averages over
+    model2d = _rows(model_pred, n)
+    target2d = _rows(target, target.shape[0])
+    ref2d = _rows(ref_pred, n) if ref_pred is not None else None
+    numel = model2d.shape[1]
+    cfg = launch_config(num_pairs, numel, model2d.device, num_splits)
+    partial = pair_err_partials(model2d, ref2d, target2d, num_pairs, cfg)
+
+    dev = model2d.device
+    if ref2d is None and ref_err is None:  # reference-free: e_ref reads as 0
+        ref_err = torch.zeros(n, dtype=torch.float32, device=dev)
+    err = torch.empty((2, n), dtype=torch.float32, device=dev)
+    u = torch.empty(num_items, dtype=torch.float32, device=dev)
+    losses = torch.empty(num_items, dtype=torch.float32, device=dev)
+    dl_de = torch.empty(n, dtype=torch.float32, device=dev)
+    total = torch.empty(2, dtype=torch.float32, device=dev)
+    splits = cfg[2]
+    splits_p2 = triton.next_power_of_2(splits)
+    _pair_loss_finalize_kernel[(1,)](
+        partial, ref_err if ref_err is not None else partial, labels if labels is not None else partial,
+        err, u, losses, dl_de, total,
+        num_pairs, n, 1.0 / numel, beta, c0, c1, 1.0 / num_items if reduction == "mean" else 1.0,
+        LOSS=LOSS_IDS[loss], HAS_REF=ref2d is not None, SPLITS=splits, SPLITS_P2=splits_p2,
+        BLOCK_B=max(1, min(triton.next_power_of_2(num_pairs), 4096 // splits_p2)),
+    )  # fmt: skip
+    out = losses if reduction == "none" else total[0].clone()  # not a view of the (2,) buffer
+    return out, u, err, dl_de
+
+
+def pair_loss_backward(grad_out, model_pred, target, dl_de, loss, reduction, num_splits=None):
+    """∂L/∂model_pred from the forward's ``dl_de``: re-reads ``model_pred`` and ``target`` once."""
+    n = model_pred.shape[0]
+    num_pairs = (n + 1) // 2
+    unpaired = loss in UNPAIRED_LOSSES
+    model2d, target2d = _rows(model_pred, n), _rows(target, target.shape[0])
+    numel = model2d.shape[1]
+    cfg = launch_config(num_pairs, numel, model2d.device, num_splits)
+    coef = 2.0 / numel / ((n if unpaired else num_pairs) if reduction == "mean" else 1)
+    grad = pair_err_backward(model2d, target2d, dl_de, grad_out, coef, num_pairs, cfg, unpaired)
+    return grad.view(model_pred.shape)
+
+
+class FusedPairLoss(torch.autograd.Function):
+    """Autograd wrapper: ``(model_pred, ref_pred | None, target, ref_err | None, labels | None) → loss``,
+    outputs ``(loss, margin, errors)`` as :func:`pair_loss_forward`; only the loss is differentiable."""
 
     @staticmethod
     def forward(ctx, model_pred, ref_pred, target, ref_err, labels, loss, beta, c0, c1, reduction, num_splits):
-        n = model_pred.shape[0]
-        unpaired = loss in UNPAIRED_LOSSES
-        num_pairs = (n + 1) // 2
-        num_items = n if unpaired else num_pairs  # what "mean" averages over
-        model2d = _rows(model_pred, n)
-        target2d = _rows(target, target.shape[0])
-        ref2d = _rows(ref_pred, n) if ref_pred is not None else None
-        numel = model2d.shape[1]
-        cfg = launch_config(num_pairs, numel, model2d.device, num_splits)
-        partial = pair_err_partials(model2d, ref2d, target2d, num_pairs, cfg)
-
-        dev = model2d.device
-        if ref2d is None and ref_err is None:  # reference-free: e_ref reads as 0
-            ref_err = torch.zeros(n, dtype=torch.float32, device=dev)
-        err = torch.empty((2, n), dtype=torch.float32, device=dev)
-        u = torch.empty(num_items, dtype=torch.float32, device=dev)
-        losses = torch.empty(num_items, dtype=torch.float32, device=dev)
-        dl_de = torch.empty(n, dtype=torch.float32, device=dev)
-        total = torch.empty(2, dtype=torch.float32, device=dev)
-        splits = cfg[2]
-        splits_p2 = triton.next_power_of_2(splits)
-        _pair_loss_finalize_kernel[(1,)](
-            partial, ref_err if ref_err is not None else partial, labels if labels is not None else partial,
-            err, u, losses, dl_de, total,
-            num_pairs, n, 1.0 / numel, beta, c0, c1, 1.0 / num_items if reduction == "mean" else 1.0,
-            LOSS=LOSS_IDS[loss], HAS_REF=ref2d is not None, SPLITS=splits, SPLITS_P2=splits_p2,
-            BLOCK_B=max(1, min(triton.next_power_of_2(num_pairs), 4096 // splits_p2)),
-        )  # fmt: skip
-
+        # rows once here (a non-contiguous sample is copied once), reused by the backward
+        model2d, target2d = _rows(model_pred, model_pred.shape[0]), _rows(target, target.shape[0])
+        out, u, err, dl_de = pair_loss_forward(
+            model2d, ref_pred, target2d, ref_err, labels, loss, beta, c0, c1, reduction, num_splits
+        )
         ctx.save_for_backward(model2d, target2d, dl_de)
-        ctx.cfg = cfg
-        ctx.unpaired = unpaired
+        ctx.args = (loss, reduction, num_splits)
         ctx.shape = model_pred.shape
-        ctx.coef = 2.0 / numel / (num_items if reduction == "mean" else 1)
         ctx.mark_non_differentiable(u, err)
-        out = losses if reduction == "none" else total[0]
         return out, u, err
 
     @staticmethod
@@ -541,8 +564,7 @@ class FusedPairLoss(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return (None,) * 11
         model2d, target2d, dl_de = ctx.saved_tensors
-        num_pairs = (model2d.shape[0] + 1) // 2
-        grad = pair_err_backward(model2d, target2d, dl_de, grad_loss, ctx.coef, num_pairs, ctx.cfg, ctx.unpaired)
+        grad = pair_loss_backward(grad_loss, model2d, target2d, dl_de, *ctx.args)
         return (grad.view(ctx.shape),) + (None,) * 10
 
 
