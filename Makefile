@@ -28,3 +28,23 @@ demo: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# Benchmarks (results and commands: benchmarks/RESULTS.md). `make bench`: the CPU sweep — eager
+# reference vs torch.compile vs every fastpref backend that runs here (the Triton interpreter is
+# never timed) — a few minutes on a quiet 2-core CPU; BENCH_ARGS passes options to the sweep
+# (e.g. BENCH_ARGS="--threads 1" on a shared machine, "--shapes sd15,sdxl").
+.PHONY: bench bench-gpu
+bench: $(STAMP)
+	$(PY) -m benchmarks.sweep --preset cpu $(BENCH_ARGS)
+
+# `make bench-gpu`: on a CUDA machine, the GPU sweep (Triton/CUDA rows vs eager vs torch.compile,
+# bf16 and fp32, every latent shape, RPO M = 8…4096) and the pytest-benchmark view. It does not
+# install anything: where no package registry is reachable, run it with that machine's Python,
+# `make bench-gpu PY=python3`. Long on a first run (one torch.compile per case); split it with
+# BENCH_ARGS="--shapes sd15,sdxl" etc. Writes benchmarks/results/gpu-<device>.{csv,md,png,json}.
+bench-gpu:
+	$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make bench-gpu needs a CUDA device (torch sees none); on a CPU run make bench')"
+	$(PY) -m benchmarks.sweep --preset gpu $(BENCH_ARGS)
+	if $(PY) -c "import pytest_benchmark" 2>/dev/null; then \
+	  $(PY) -m pytest benchmarks -q --benchmark-only --benchmark-json benchmarks/results/pytest-benchmark-gpu.json; \
+	else echo "pytest-benchmark not installed: skipped the pytest-benchmark view"; fi

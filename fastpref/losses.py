@@ -14,11 +14,12 @@ import numbers
 import torch
 
 from fastpref import reference
-from fastpref.stats import PreferenceStats, preference_stats
+from fastpref.stats import KTOStats, PreferenceStats, implicit_accuracy, preference_stats
 
 __all__ = ["dpo_loss", "dmpo_loss", "BACKENDS"]
+__all__ += ["mapo_loss", "orpo_loss", "kto_loss", "dro_loss", "clip_pair_weights", "rpo_loss"]
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 REDUCTIONS = ("mean", "sum", "none")
 DPO_KINDS = ("sigmoid", "hinge", "ipo")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -116,13 +117,29 @@ def check_pair_inputs(model_pred, ref_pred, target, ref_err, *, need_ref: bool =
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """``"auto"`` → Triton on a CUDA device (or any device under ``TRITON_INTERPRET=1``), else the
-    PyTorch reference. ``"triton"`` on a CPU tensor needs the interpreter."""
-    from fastpref.ops import triton_available
+    """Which implementation runs: ``"triton"``, ``"cpu"``/``"cuda"`` (the C++/CUDA extension in
+    ``csrc/``) or ``"torch"`` (the reference).
+
+    ``"auto"`` → Triton on a CUDA device (or on any device under ``TRITON_INTERPRET=1``, which asks
+    for the interpreter explicitly, as the tests do); else the C++ extension on a CPU (or CUDA)
+    tensor when it builds (first use builds it, cached; a failed build warns once); else the
+    reference. ``"triton"`` on a CPU tensor needs the interpreter; ``"cpu"``/``"cuda"`` need the
+    extension and a tensor on that device."""
+    from fastpref.ops import extension, triton_available
 
     _check_choice("backend", backend, BACKENDS)
     if backend == "torch":
         return "torch"
+    if backend in ("cpu", "cuda"):
+        if device.type != backend:
+            raise ValueError(f"backend={backend!r} runs on {backend} tensors, but model_pred is on {device}")
+        if not extension.has_kernel(backend):
+            reason = extension.unavailable_reason() or "it was built without CUDA (no CUDA_HOME or no GPU at build)"
+            raise ValueError(
+                f"backend={backend!r} needs fastpref's C++ extension (csrc/), which is not available: {reason}. "
+                "Use backend='auto' or 'torch'."
+            )
+        return backend
     from fastpref.ops.pair_loss import interpreter_enabled
 
     runnable = triton_available() and (device.type == "cuda" or interpreter_enabled())
@@ -132,7 +149,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             "TRITON_INTERPRET=1 set before fastpref is imported (the CPU interpreter, for tests). "
             "Use backend='auto' or 'torch'."
         )
-    return "triton" if runnable else "torch"
+    if runnable:
+        return "triton"
+    if device.type in ("cpu", "cuda") and extension.has_kernel(device.type):
+        return device.type
+    return "torch"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,12 +164,20 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 def _pair_loss(loss, model_pred, ref_pred, target, ref_err, beta, alpha, reduction, return_stats, backend):
     _check_choice("reduction", reduction, REDUCTIONS)
     check_pair_inputs(model_pred, ref_pred, target, ref_err)
-    if resolve_backend(backend, model_pred.device) == "triton":
-        from fastpref.ops.pair_loss import fused_pair_loss
+    resolved = resolve_backend(backend, model_pred.device)
+    if resolved == "triton":
+        from fastpref.ops.library import triton_pair_loss  # the Triton family as a torch.library op
 
         if ref_err is not None:
             ref_err = ref_err.contiguous()
-        out, u, err = fused_pair_loss(
+        out, u, err = triton_pair_loss(
+            loss, model_pred, ref_pred, target, ref_err, beta=beta, alpha=alpha, reduction=reduction
+        )
+        model_err, ref_err_out = err[0], err[1]
+    elif resolved in ("cpu", "cuda"):
+        from fastpref.ops.cpp import cpp_pair_loss
+
+        out, u, err = cpp_pair_loss(
             loss, model_pred, ref_pred, target, ref_err, beta=beta, alpha=alpha, reduction=reduction
         )
         model_err, ref_err_out = err[0], err[1]
@@ -190,7 +219,8 @@ def dpo_loss(
         beta: β in fastpref's convention (means over S, with the ½): 5000 for SD1.5 and SDXL.
         reduction: ``"mean"`` over pairs, ``"sum"`` or ``"none"`` (``(B,)``).
         return_stats: also return detached :class:`PreferenceStats` (no device sync).
-        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (the reference).
+        backend: ``"auto"``, ``"triton"``, ``"cpu"``/``"cuda"`` (the C++/CUDA extension) or
+            ``"torch"`` (the reference); see :func:`resolve_backend`.
     """
     beta = _check_positive("beta", beta)
     kind = _check_choice("kind", kind, DPO_KINDS)
@@ -219,3 +249,458 @@ def dmpo_loss(
     beta = _check_positive("beta", beta)
     alpha = check_alpha(alpha)
     return _pair_loss("dmpo", model_pred, ref_pred, target, ref_err, beta, alpha, reduction, return_stats, backend)
+
+
+# ----------------------------------------------------------------------------------------------
+# The rest of the family: MaPO, ORPO/ORRPO, KTO, DRO (the fused kernel family) and Diffusion-RPO
+# (the fused weight-matrix kernel, fastpref/ops/rpo.py).
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _check_nonnegative(name: str, value) -> float:
+    value = _check_real(name, value)
+    if value < 0:
+        raise ValueError(f"{name} must be ≥ 0, got {value}")
+    return value
+
+
+def _ref_free_stats(u, model_err, reward_fn) -> PreferenceStats:
+    """PreferenceStats of a reference-free loss: ``reward = reward_fn(e_θ)`` (MaPO: T·f(e); ORPO: the
+    log-odds), so ``margin = reward_win − reward_lose``; the reference errors read 0."""
+    u, model_err = u.detach(), model_err.detach()
+    mw, ml = model_err.chunk(2)
+    zeros = torch.zeros_like(mw)
+    return PreferenceStats(
+        margin=u, implicit_accuracy=implicit_accuracy(u), model_err_win=mw, model_err_lose=ml,
+        ref_err_win=zeros, ref_err_lose=zeros, reward_win=reward_fn(mw), reward_lose=reward_fn(ml),
+    )  # fmt: skip
+
+
+def _fused_or_reference(loss, model_pred, ref_pred, target, ref_err, *, beta, c0, c1, reduction, backend, labels=None):
+    """The fused kernel family (Triton, or the C++/CUDA extension for the losses it implements);
+    ``None`` when the reference must run."""
+    resolved = resolve_backend(backend, model_pred.device)
+    if ref_err is not None:
+        ref_err = ref_err.contiguous()
+    if resolved == "triton":
+        from fastpref.ops.library import triton_pair_loss  # the Triton family as a torch.library op
+
+        return triton_pair_loss(loss, model_pred, ref_pred, target, ref_err, beta=beta, reduction=reduction,
+                                c0=c0, c1=c1, labels=labels)  # fmt: skip
+    if resolved in ("cpu", "cuda"):
+        from fastpref.ops.cpp import CPP_LOSSES, cpp_pair_loss
+
+        if loss in CPP_LOSSES:
+            return cpp_pair_loss(loss, model_pred, ref_pred, target, ref_err, beta=beta, reduction=reduction,
+                                 c0=c0, c1=c1)  # fmt: skip
+        if backend != "auto":
+            raise ValueError(f"{loss}_loss has no {backend!r} backend (csrc/ implements {', '.join(CPP_LOSSES)}); "
+                             "use backend='auto', 'triton' or 'torch'")  # fmt: skip
+    return None
+
+
+def mapo_loss(
+    model_pred: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    snr_value: float = 0.5,
+    num_train_timesteps: int = 1000,
+    reduction: str = "mean",
+    return_stats: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, PreferenceStats]:
+    """MaPO, margin-aware preference optimisation without a reference model (seed 000), fused.
+
+    With ``f(x) = s·x/(e^{s·x} − 1)`` (evaluated stably; continuous at 0, where f → 1) and
+    ``u_i = T·(f(e_θ[w_i]) − f(e_θ[l_i]))`` per pair,
+
+        ℓ_i = e_θ[w_i] + β·softplus(−u_i),   mean_i ℓ_i = mean_i e_θ[w_i] − β·mean_i log σ(u_i),
+
+    as the mapo ``compute_loss``. Defaults are that script's: β = 0.1 (``--beta_mapo``), s = 0.5
+    (``snr_value``), T = 1000 (``num_train_timesteps``). No reference model. Stats: ``margin`` = u,
+    ``reward_*`` = T·f(e_θ), ``ref_err_*`` = 0. Other arguments as :func:`dpo_loss`.
+    """
+    beta = _check_positive("beta", beta)
+    snr_value = _check_positive("snr_value", snr_value)
+    num_train_timesteps = _check_positive("num_train_timesteps", num_train_timesteps)
+    _check_choice("reduction", reduction, REDUCTIONS)
+    check_pair_inputs(model_pred, None, target, None, need_ref=False)
+    fused = _fused_or_reference("mapo", model_pred, None, target, None, beta=beta, c0=snr_value,
+                                c1=num_train_timesteps, reduction=reduction, backend=backend)  # fmt: skip
+    if fused is not None:
+        out, u, err = fused
+        model_err = err[0]
+    else:
+        model_err = reference.pair_errors(model_pred, target)
+        losses, u = reference.mapo(model_err, beta, snr_value, num_train_timesteps)
+        out = reference.reduce(losses, reduction)
+    if return_stats:
+        return out, _ref_free_stats(u, model_err, lambda e: num_train_timesteps * reference.mapo_f(e, snr_value))
+    return out
+
+
+def orpo_loss(
+    model_pred: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    lambda_orpo: float = 0.1,
+    beta: float | None = None,
+    weights: torch.Tensor | None = None,
+    win_emb: torch.Tensor | None = None,
+    lose_emb: torch.Tensor | None = None,
+    tau: float = 0.01,
+    weight_inside: bool = False,
+    group=None,
+    reduction: str = "mean",
+    return_stats: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, PreferenceStats]:
+    """Diffusion-ORPO (seed 004 App. C), reference-free; with RPO weights, Diffusion-ORRPO.
+
+    The likelihood proxy ``log p = −½·β·e`` gives ``log odds(e) = −½βe − log(1 − e^{−½βe})`` and,
+    per pair, ``r_i = log odds(e_θ[w_i]) − log odds(e_θ[l_i])``:
+
+        ℓ_i = e_θ[w_i] − λ·log σ(r_i)                               (ORPO)
+        ℓ_i = e_θ[w_i] − λ·Σ_j W_ij·log σ(log odds(w_i) − log odds(l_j))   (ORRPO, with weights)
+
+    The preference term has the sign that favours the winner (r > 0 when the winner's error is
+    lower): the diffusers ``diffusion_orpo`` script's ``logσ(e_w − e_l)`` raises the winner's error.
+
+    Args:
+        lambda_orpo: λ, the weight of the odds-ratio term (0.1 = diffusers' ``--beta_orpo``; seed 004
+            reports λ = 0.005 for ORPO and 0.2 for ORRPO on SDXL).
+        beta: the likelihood scale. ``None`` (default) uses β = D, the number of elements per sample,
+            which is the appendix's ``exp(−½‖ε − ε_θ‖²)`` on summed errors; the diffusers script's
+            ``log p = −e`` is β = 2 (without the log(1 − p) term).
+        weights, win_emb, lose_emb, tau, weight_inside, group: as :func:`rpo_loss`; giving weights or
+            embeddings selects ORRPO.
+    """
+    lambda_orpo = _check_positive("lambda_orpo", lambda_orpo)
+    _check_choice("reduction", reduction, REDUCTIONS)
+    check_pair_inputs(model_pred, None, target, None, need_ref=False)
+    beta = float(model_pred[0].numel()) if beta is None else _check_positive("beta", beta)
+    if weights is not None or win_emb is not None or lose_emb is not None:
+        return _rpo_family("orpo", model_pred, None, target, None, weights, win_emb, lose_emb, tau, beta, lambda_orpo,
+                           weight_inside, group, reduction, return_stats, backend)  # fmt: skip
+    if group is not None:
+        raise ValueError("group= needs weights or embeddings (ORRPO): plain ORPO has no cross-pair term to gather")
+    fused = _fused_or_reference("orpo", model_pred, None, target, None, beta=beta, c0=lambda_orpo, c1=0.0,
+                                reduction=reduction, backend=backend)  # fmt: skip
+    if fused is not None:
+        out, u, err = fused
+        model_err = err[0]
+    else:
+        model_err = reference.pair_errors(model_pred, target)
+        losses, u = reference.orpo(model_err, beta, lambda_orpo)
+        out = reference.reduce(losses, reduction)
+    if return_stats:
+        return out, _ref_free_stats(u, model_err, lambda e: reference.orpo_log_odds(e, beta))
+    return out
+
+
+def _check_labels(labels, n: int, device) -> None:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor of shape ({n},), got {type(labels).__name__}")
+    if labels.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},) (one per sample of model_pred), got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels is on {labels.device} but model_pred is on {device}")
+    if labels.is_complex():
+        raise TypeError(f"labels must be bool, integer or float (1 = desirable, 0 = undesirable), got {labels.dtype}")
+    # a value check costs a device sync on a GPU, so only CPU labels are checked; on a GPU any
+    # non-zero label counts as desirable
+    if labels.device.type == "cpu" and labels.numel() and not ((labels == 0) | (labels == 1)).all():
+        raise ValueError("labels must be 0 (undesirable) or 1 (desirable)")
+
+
+def kto_loss(
+    model_pred: torch.Tensor,
+    ref_pred: torch.Tensor | None,
+    target: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ref_err: torch.Tensor | None = None,
+    beta: float = 1000.0,
+    lambda_desirable: float = 1.0,
+    lambda_undesirable: float = 1.0,
+    reduction: str = "mean",
+    return_stats: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, KTOStats]:
+    """Diffusion-KTO: unpaired samples, each labelled desirable (1) or undesirable (0), fused.
+
+        g_k = e_ref[k] − e_θ[k],   z = max(0, mean_k g_k) (detached),
+        ℓ_k = λ_y·(1 − σ((2y_k − 1)·β·(g_k − z)))
+
+    Args:
+        model_pred: ``(N, *S)`` policy prediction, any N ≥ 1 (no pairing, no order).
+        ref_pred: ``(N, *S)`` frozen reference prediction, or ``None`` with ``ref_err=`` ``(N,)``.
+        target: ``(N, *S)``.
+        labels: ``(N,)`` bool / integer / float, 1 = desirable, 0 = undesirable.
+        beta: β = 1000 (Diffusion-KTO) on mean errors.
+        lambda_desirable, lambda_undesirable: λ_D, λ_U, the class weights (1, 1).
+        reduction: ``"mean"`` over the N samples, ``"sum"``, or ``"none"`` (``(N,)``).
+        return_stats: also return :class:`KTOStats` (implicit rewards β(g − z), z, errors, labels).
+    """
+    beta = _check_positive("beta", beta)
+    lambda_desirable = _check_nonnegative("lambda_desirable", lambda_desirable)
+    lambda_undesirable = _check_nonnegative("lambda_undesirable", lambda_undesirable)
+    _check_choice("reduction", reduction, REDUCTIONS)
+    _check_float_tensor("model_pred", model_pred)
+    if model_pred.dim() < 1 or model_pred.shape[0] < 1:
+        raise ValueError(f"model_pred must have a leading sample dimension N ≥ 1, got shape {tuple(model_pred.shape)}")
+    n = model_pred.shape[0]
+    if model_pred[0].numel() == 0:
+        raise ValueError(f"model_pred has no elements per sample, shape {tuple(model_pred.shape)}")
+    if target is None:
+        raise TypeError("target is required (the noise ε, the velocity, or noise − x0 for flow matching)")
+    _check_float_tensor("target", target)
+    if target.shape != model_pred.shape:
+        raise ValueError(f"target must have model_pred's shape {tuple(model_pred.shape)}, got {tuple(target.shape)}")
+    device = model_pred.device
+    if target.device != device:
+        raise ValueError(f"target is on {target.device} but model_pred is on {device}")
+    if target.requires_grad:
+        raise ValueError("target must not require grad (no gradient is computed for it): pass target.detach()")
+    if (ref_pred is None) == (ref_err is None):
+        raise TypeError("pass exactly one of ref_pred (the frozen reference's prediction) or ref_err")
+    name, ref, shape = ("ref_pred", ref_pred, model_pred.shape) if ref_pred is not None else ("ref_err", ref_err, (n,))
+    _check_float_tensor(name, ref)
+    if ref.shape != shape:
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(ref.shape)}")
+    if ref.device != device:
+        raise ValueError(f"{name} is on {ref.device} but model_pred is on {device}")
+    if ref.requires_grad:
+        raise ValueError(f"{name} must not require grad: the reference is frozen — use torch.no_grad() or .detach()")
+    _check_labels(labels, n, model_pred.device)
+
+    fused = _fused_or_reference("kto", model_pred, ref_pred, target, ref_err, beta=beta, c0=lambda_desirable,
+                                c1=lambda_undesirable, reduction=reduction, backend=backend, labels=labels)  # fmt: skip
+    if fused is not None:
+        out, reward, err = fused
+        model_err, ref_err_out = err[0], err[1]
+        z = torch.clamp((ref_err_out - model_err).mean(), min=0.0)
+    else:
+        model_err = reference.pair_errors(model_pred, target)
+        ref_err_out = (reference.pair_errors(ref_pred, target) if ref_err is None else ref_err).to(model_err.dtype)
+        losses, reward, z = reference.kto(model_err, ref_err_out, labels, beta, lambda_desirable, lambda_undesirable)
+        out = reference.reduce(losses, reduction)
+    if return_stats:
+        return out, KTOStats(implicit_reward=reward.detach(), reference_point=z.detach(), model_err=model_err.detach(),
+                             ref_err=ref_err_out.detach(), desirable=labels.detach() != 0)  # fmt: skip
+    return out
+
+
+def dro_loss(
+    model_pred: torch.Tensor,
+    ref_pred: torch.Tensor | None = None,
+    target: torch.Tensor | None = None,
+    *,
+    ref_err: torch.Tensor | None = None,
+    margin: float = 0.001,
+    reduction: str = "mean",
+    return_stats: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, PreferenceStats]:
+    """Diffusion-DRO (seed 003): hinge ranking of expert (offline) samples above online samples.
+
+        d_i = (e_θ − e_ref)[expert_i] − (e_θ − e_ref)[online_i],   ℓ_i = relu(d_i + m),  m = 0.001
+
+    ``model_pred`` stacks the B expert samples first, then the B online samples (the pair layout of
+    :func:`dpo_loss`, expert in the winner slot). The online samples are the policy's own: the DRO
+    trainer generates ``x0_online`` for each prompt with a lagged copy of the policy (updated every K
+    steps, no grad), noises expert and online image with the same noise and timestep, and runs the
+    policy and the reference on both. Stats: ``margin`` = −d (β = 2 in :class:`PreferenceStats`).
+    Other arguments as :func:`dpo_loss`.
+    """
+    margin = _check_nonnegative("margin", margin)
+    _check_choice("reduction", reduction, REDUCTIONS)
+    check_pair_inputs(model_pred, ref_pred, target, ref_err)
+    fused = _fused_or_reference("dro", model_pred, ref_pred, target, ref_err, beta=2.0, c0=margin, c1=0.0,
+                                reduction=reduction, backend=backend)  # fmt: skip
+    if fused is not None:
+        out, u, err = fused
+        model_err, ref_err_out = err[0], err[1]
+    else:
+        model_err = reference.pair_errors(model_pred, target)
+        ref_err_out = (reference.pair_errors(ref_pred, target) if ref_err is None else ref_err).to(model_err.dtype)
+        losses, u = reference.dro(model_err, ref_err_out, margin)
+        out = reference.reduce(losses, reduction)
+    if return_stats:
+        return out, preference_stats(u, model_err, ref_err_out, 2.0)
+    return out
+
+
+# ---- Diffusion-RPO -----------------------------------------------------------------------------
+
+
+def _check_embeddings(win_emb, lose_emb, m: int, device) -> None:
+    for name, e in (("win_emb", win_emb), ("lose_emb", lose_emb)):
+        _check_float_tensor(name, e)
+        if e.dim() != 2 or e.shape[0] != m or e.shape[1] < 1:
+            raise ValueError(f"{name} must have shape ({m}, K) (one embedding per pair), got {tuple(e.shape)}")
+        if e.device != device:
+            raise ValueError(f"{name} is on {e.device} but model_pred is on {device}")
+    if win_emb.shape[1] != lose_emb.shape[1]:
+        raise ValueError(f"win_emb and lose_emb must have the same width K, got {win_emb.shape[1]} and {lose_emb.shape[1]}")
+
+
+def clip_pair_weights(win_emb: torch.Tensor, lose_emb: torch.Tensor, *, tau: float = 0.01) -> torch.Tensor:
+    """The Diffusion-RPO weight matrix (seed 004 §2.1) as an explicit ``(M, N)`` fp32 tensor.
+
+    ``W_ij = exp(−d_ij/τ) / Σ_j' exp(−d_ij'/τ)``, ``d_ij = 1 − cos(win_emb_i, lose_emb_j)``: each row
+    sums to 1 (a row softmax, computed stably). No gradient. :func:`rpo_loss` computes the same
+    weights inside its fused kernel without storing them; this function is for inspection, logging
+    and the ``weights=`` argument. τ = 0.01 (SD1.5) / 0.5 (SDXL).
+    """
+    tau = _check_positive("tau", tau)
+    for name, e in (("win_emb", win_emb), ("lose_emb", lose_emb)):
+        _check_float_tensor(name, e)
+        if e.dim() != 2 or e.shape[0] < 1 or e.shape[1] < 1:
+            raise ValueError(f"{name} must have shape (M, K), got {tuple(e.shape)}")
+    if win_emb.shape[1] != lose_emb.shape[1] or win_emb.device != lose_emb.device:
+        raise ValueError("win_emb and lose_emb must have the same width K and device, got "
+                         f"{tuple(win_emb.shape)} on {win_emb.device} and {tuple(lose_emb.shape)} on {lose_emb.device}")  # fmt: skip
+    return reference.clip_pair_weights_ref(win_emb, lose_emb, tau).float()
+
+
+def _world(group):
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("group= needs an initialised torch.distributed process group (dist.init_process_group)")
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _rpo_family(kind, model_pred, ref_pred, target, ref_err, weights, win_emb, lose_emb, tau, beta, lambda_orpo,
+                weight_inside, group, reduction, return_stats, backend):  # fmt: skip
+    """Diffusion-RPO (``kind="sigmoid"``) and Diffusion-ORRPO (``kind="orpo"``): errors → (gather the
+    losers across ranks) → the weighted M×N pairwise matrix → per-row losses → reduction."""
+    from fastpref.ops import rpo as rpo_ops
+
+    _check_choice("reduction", reduction, REDUCTIONS)
+    if not isinstance(weight_inside, bool):
+        raise TypeError(f"weight_inside must be a bool, got {type(weight_inside).__name__}")
+    m = model_pred.shape[0] // 2
+    device = model_pred.device
+    world, rank = _world(group) if group is not None else (1, 0)
+    if weights is not None:
+        if win_emb is not None or lose_emb is not None:
+            raise TypeError("pass either weights= or win_emb= and lose_emb=, not both")
+        _check_float_tensor("weights", weights)
+        if weights.shape != (m, m * world):
+            raise ValueError(f"weights must have shape ({m}, {m * world}) (this rank's winners × all losers), "
+                             f"got {tuple(weights.shape)}")  # fmt: skip
+        if weights.device != device:
+            raise ValueError(f"weights is on {weights.device} but model_pred is on {device}")
+        weights = weights.detach()  # the weights are constants of the loss (seed 004)
+    else:
+        if win_emb is None or lose_emb is None:
+            raise TypeError("pass weights= (M×M) or both win_emb= and lose_emb= (M×K CLIP embeddings)")
+        _check_embeddings(win_emb, lose_emb, m, device)
+        tau = _check_positive("tau", tau)
+        win_emb, lose_emb = win_emb.detach(), lose_emb.detach()
+    use_triton = resolve_backend(backend, device) == "triton"
+
+    # 1. per-sample errors (e_ref = 0 for the reference-free ORRPO)
+    if use_triton:
+        from fastpref.ops.pair_loss import fused_pair_errors
+
+        model_err, ref_from_pred = fused_pair_errors(model_pred, ref_pred, target)
+    else:
+        model_err = reference.pair_errors(model_pred, target)
+        ref_from_pred = reference.pair_errors(ref_pred, target) if ref_pred is not None else torch.zeros_like(model_err)
+    ref_err_out = ref_from_pred if ref_err is None else ref_err.to(device=device, dtype=model_err.dtype)
+    mw, ml = model_err.chunk(2)
+    rw, rl = ref_err_out.chunk(2)
+
+    # 2. the matrix spans the global batch: every rank's losers (autograd-aware for e_θ)
+    if group is not None:
+        ml_all, rl_all = rpo_ops.gather_losers(ml, rl.detach(), group)
+        lose_all = rpo_ops.gather_constant(lose_emb, group) if weights is None else None
+    else:
+        ml_all, rl_all, lose_all = ml, rl, lose_emb
+
+    # 3. per-row losses ℓ_i = Σ_j W_ij ℓ(a_i − b_j)
+    if use_triton:
+        rows = rpo_ops.fused_rpo_rows(kind, mw, ml_all, rw, rl_all, weights, win_emb, lose_all, tau=tau, beta=beta,
+                                      weight_inside=weight_inside)  # fmt: skip
+    else:
+        w = weights if weights is not None else reference.clip_pair_weights_ref(win_emb, lose_all, tau)
+        if kind == "orpo":
+            a, b = reference.orpo_log_odds(mw, beta), reference.orpo_log_odds(ml_all, beta)
+        else:
+            a, b = -0.5 * beta * (mw - rw), -0.5 * beta * (ml_all - rl_all)
+        rows = reference.rpo_pairwise(a, b, w, weight_inside)
+    if kind == "orpo":
+        rows = mw + lambda_orpo * rows
+    # "mean" averages over the global batch, so the ranks' losses add up to the global loss
+    out = rows.sum() / (m * world) if reduction == "mean" else reference.reduce(rows, reduction)
+
+    if return_stats:  # the diagonal pairs (i, i): the DPO / ORPO statistics of this rank's pairs
+        if kind == "orpo":
+            u = reference.orpo_log_odds(mw, beta) - reference.orpo_log_odds(ml, beta)
+            return out, _ref_free_stats(u, model_err, lambda e: reference.orpo_log_odds(e, beta))
+        return out, preference_stats(reference.margin(model_err, ref_err_out, beta), model_err, ref_err_out, beta)
+    return out
+
+
+def rpo_loss(
+    model_pred: torch.Tensor,
+    ref_pred: torch.Tensor | None = None,
+    target: torch.Tensor | None = None,
+    *,
+    ref_err: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    win_emb: torch.Tensor | None = None,
+    lose_emb: torch.Tensor | None = None,
+    tau: float = 0.01,
+    beta: float = 5000.0,
+    weight_inside: bool = False,
+    group=None,
+    reduction: str = "mean",
+    return_stats: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, PreferenceStats]:
+    """Diffusion-RPO (seed 004 eq. 9): every winner i against every loser j of the batch.
+
+        d_ij = 1 − cos(a_i, b_j),  W_ij = exp(−d_ij/τ) / Σ_j' exp(−d_ij'/τ)
+        u_ij = −½β·((e_θ[w_i] − e_ref[w_i]) − (e_θ[l_j] − e_ref[l_j]))
+        L    = −(1/M)·Σ_i Σ_j W_ij·log σ(u_ij)                  (weights outside log σ)
+
+    On ``backend="triton"`` one fused kernel computes the cosines, the stable online row
+    normalisation and the weighted loss and its gradient, tiling over j: nothing M×M is stored.
+    With M = 1 (or W = I) this is :func:`dpo_loss`.
+
+    Args:
+        model_pred, ref_pred, target, ref_err: as :func:`dpo_loss` (M pairs).
+        weights: ``(M, M)`` weight matrix (rows: winners, columns: losers) instead of embeddings;
+            used as given (no normalisation, no gradient).
+        win_emb, lose_emb: ``(M, K)`` embeddings of (winner image, prompt) and (loser image, prompt),
+            e.g. from :func:`fastpref.clip.pair_embeddings`; normalised here. No gradient.
+        tau: τ = 0.01 (SD1.5), 0.5 (SDXL).
+        beta: β = 5000 in fastpref's convention (seed 004's β with the ½).
+        weight_inside: the earlier RPO form (seed 004 eq. 15): ``−(1/M²)·Σ_ij log σ(W_ij·u_ij)``.
+        group: a ``torch.distributed`` process group: the losers' errors (autograd-aware) and
+            embeddings of every rank are gathered so the matrix spans the global batch (every rank
+            must hold the same M). Each rank computes its own winners' rows and returns its share of
+            the global loss — the shares add up to the global loss, and each rank's gradient w.r.t.
+            its ``model_pred`` is that of the global loss. DDP *averages* gradients over ranks, so
+            multiply the loss by the world size before ``backward()`` to train on the global loss.
+        reduction: ``"mean"`` (the global 1/M), ``"sum"``, or ``"none"`` (this rank's ``(M,)`` rows).
+        return_stats: :class:`PreferenceStats` of the diagonal pairs (i, i) — the DPO statistics.
+    """
+    beta = _check_positive("beta", beta)
+    check_pair_inputs(model_pred, ref_pred, target, ref_err)
+    return _rpo_family("sigmoid", model_pred, ref_pred, target, ref_err, weights, win_emb, lose_emb, tau, beta, 0.0,
+                       weight_inside, group, reduction, return_stats, backend)  # fmt: skip

@@ -142,3 +142,162 @@ def pair_loss_ref(
     u = margin(model_err, ref_err, beta)
     losses = PAIR_LOSSES[loss](u, beta, alpha)
     return reduce(losses, reduction), u, model_err, ref_err
+
+
+# ----------------------------------------------------------------------------------------------
+# The rest of the loss family (shared/DESIGN.md §2–§3). Each takes the upcast per-sample errors
+# from :func:`pair_errors`; the fused kernels are tested against these.
+# ----------------------------------------------------------------------------------------------
+
+__all__ += [
+    "mapo_f",
+    "mapo",
+    "orpo_log_odds",
+    "orpo",
+    "kto",
+    "dro",
+    "clip_pair_weights_ref",
+    "rpo_pairwise",
+    "rpo",
+    "orrpo",
+]
+
+
+def mapo_f(x: torch.Tensor, snr_value: float) -> torch.Tensor:
+    """MaPO's likelihood proxy ``f(x) = s·x / (e^{s·x} − 1)`` (the mapo ``compute_loss`` log-odds term).
+
+    Evaluated as ``y / expm1(y)``, ``y = s·x``, with the Taylor series ``1 − y/2 + y²/12`` for
+    |y| < 1e-4 so it is continuous (and differentiable) at 0, where f → 1.
+    """
+    y = snr_value * x
+    small = y.abs() < 1e-4
+    big = y > 1.0  # there y·e^{−y}/(1 − e^{−y}): no inf/inf once e^y overflows (e = 1e4)
+    one = torch.ones_like(y)
+    y_mid = torch.where(small | big, one, y)  # each branch evaluated only where it is finite
+    y_big = torch.where(big, y, one)
+    return torch.where(
+        small,
+        1.0 - 0.5 * y + y * y / 12.0,
+        torch.where(big, y_big * torch.exp(-y_big) / -torch.expm1(-y_big), y_mid / torch.expm1(y_mid)),
+    )
+
+
+def mapo(model_err: torch.Tensor, beta: float, snr_value: float, num_train_timesteps: float):
+    """MaPO (seed 000; the mapo ``compute_loss``), reference-free. Per pair
+
+        u_i = T·(f(e_θ[w_i]) − f(e_θ[l_i])),   ℓ_i = e_θ[w_i] + β_M·softplus(−u_i)
+
+    so ``mean_i ℓ_i = mean_i e_θ[w_i] − β_M·mean_i log σ(u_i)``: the SFT term on winners plus the
+    margin term. f decreases with the error, so u > 0 when the winner is the likelier one.
+
+    Returns ``(losses (B,), u (B,))``.
+    """
+    mw, ml = model_err.chunk(2)
+    u = num_train_timesteps * (mapo_f(mw, snr_value) - mapo_f(ml, snr_value))
+    return mw + beta * F.softplus(-u), u
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 − e^{−x})`` for x ≥ 0 (Mächler's two-branch form), with 1 − e^{−x} floored at 1e-30 so a
+    perfect prediction (x = 0, infinite odds) gives a finite log-odds."""
+    big = x > math.log(2.0)
+    xs = torch.where(big, x, torch.full_like(x, math.log(2.0)))  # each branch only where it is finite
+    return torch.where(big, torch.log1p(-torch.exp(-xs)), torch.log(torch.clamp(-torch.expm1(-x), min=1e-30)))
+
+
+def orpo_log_odds(err: torch.Tensor, beta: float) -> torch.Tensor:
+    """Log-odds of a sample under the Gaussian-likelihood proxy ``log p = −½·β·e`` (seed 004 App. C):
+    ``log(p / (1 − p)) = −½βe − log(1 − e^{−½βe})``. With β = D (the number of latent elements) this
+    is the appendix's ``exp(−½‖ε − ε_θ‖²)`` on summed errors."""
+    x = 0.5 * beta * err
+    return -x - _log1mexp(x)
+
+
+def orpo(model_err: torch.Tensor, beta: float, lambda_orpo: float):
+    """Diffusion-ORPO (seed 004 App. C, eq. 16 with the diffusion likelihood proxy). Per pair
+
+        r_i = log odds(w_i) − log odds(l_i),   ℓ_i = e_θ[w_i] + λ·softplus(−r_i)
+
+    i.e. SFT on the winner − λ·log σ(r_i), with the sign that favours the winner (r > 0 when the
+    winner's error is lower). The diffusers ``diffusion_orpo`` script uses ``logσ(e_w − e_l)``, whose
+    gradient raises the winner's error. Returns ``(losses (B,), r (B,))``.
+    """
+    mw, ml = model_err.chunk(2)
+    r = orpo_log_odds(mw, beta) - orpo_log_odds(ml, beta)
+    return mw + lambda_orpo * F.softplus(-r), r
+
+
+def kto(model_err, ref_err, labels, beta: float, lambda_desirable: float, lambda_undesirable: float):
+    """Diffusion-KTO, unpaired. Per sample k with label y_k ∈ {0, 1} (1 = desirable)
+
+        g_k = e_ref[k] − e_θ[k],  z = max(0, mean_k g_k) (detached),
+        ℓ_k = λ_y·(1 − σ((2y_k − 1)·β·(g_k − z)))
+
+    Returns ``(losses (N,), β·(g − z) (N,), z)``.
+    """
+    g = ref_err - model_err
+    z = torch.clamp(g.detach().mean(), min=0.0)
+    y = labels.to(torch.bool)
+    sign = torch.where(y, 1.0, -1.0).to(g.dtype)
+    lam = torch.where(y, lambda_desirable, lambda_undesirable).to(g.dtype)
+    x = beta * (g - z)
+    return lam * (1.0 - torch.sigmoid(sign * x)), x, z
+
+
+def dro(model_err: torch.Tensor, ref_err: torch.Tensor, margin_m: float):
+    """Diffusion-DRO (seed 003; DiffusionDRO): hinge ranking of expert vs online samples
+
+        d_i = (e_θ − e_ref)[expert_i] − (e_θ − e_ref)[online_i],   ℓ_i = relu(d_i + m)
+
+    (experts stacked first, online samples second). Returns ``(losses (B,), −d (B,))``; −d is the
+    margin u of :func:`margin` at β = 2, positive when the expert is ranked above the online sample.
+    """
+    u = margin(model_err, ref_err, 2.0)
+    return torch.relu(margin_m - u), u
+
+
+def clip_pair_weights_ref(win_emb: torch.Tensor, lose_emb: torch.Tensor, tau: float) -> torch.Tensor:
+    """Diffusion-RPO weight matrix (seed 004 §2.1): ``W_ij = W̃_ij / Σ_j' W̃_ij'``,
+    ``W̃_ij = exp(−d_ij/τ)``, ``d_ij = 1 − cos(a_i, b_j)`` — a row softmax of ``−d/τ`` (stable: the
+    row max is subtracted). ``(M, K) × (N, K) → (M, N)``, upcast, no gradient."""
+    dt = compute_dtype(win_emb, lose_emb)
+    a = F.normalize(win_emb.detach().to(dt), dim=1)
+    b = F.normalize(lose_emb.detach().to(dt), dim=1)
+    d = 1.0 - a @ b.T
+    return torch.softmax(-d / tau, dim=1)
+
+
+def rpo_pairwise(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor, weight_inside: bool) -> torch.Tensor:
+    """Per-row losses of the weighted M×N pairwise matrix with ``u_ij = a_i − b_j``:
+
+    * weights outside (seed 004 eq. 9): ``ℓ_i = Σ_j W_ij·softplus(−u_ij)``,
+    * weights inside (seed 004 eq. 15, the earlier RPO): ``ℓ_i = (1/N)·Σ_j softplus(−W_ij·u_ij)``.
+    """
+    u = a[:, None] - b[None, :]
+    w = weights.to(u.dtype)
+    if weight_inside:
+        return F.softplus(-w * u).mean(dim=1)
+    return (w * F.softplus(-u)).sum(dim=1)
+
+
+def rpo(model_err, ref_err, weights, beta: float, weight_inside: bool = False):
+    """Diffusion-RPO (seed 004 eq. 9): winner i against loser j for every i, j of the batch,
+
+        u_ij = −½β·((e_θ[w_i] − e_ref[w_i]) − (e_θ[l_j] − e_ref[l_j])),
+        L    = −(1/M)·Σ_i Σ_j W_ij·log σ(u_ij)   (weights outside log σ)
+
+    ``model_err``/``ref_err`` are ``(2M,)`` (winners, losers); ``weights`` is ``(M, M)`` (rows:
+    winners). Returns the per-row losses ``(M,)``; their mean is L. With ``W = I`` (or M = 1) this is
+    Diffusion-DPO.
+    """
+    mw, ml = model_err.chunk(2)
+    rw, rl = ref_err.chunk(2)
+    return rpo_pairwise(-0.5 * beta * (mw - rw), -0.5 * beta * (ml - rl), weights, weight_inside)
+
+
+def orrpo(model_err, weights, beta: float, lambda_orpo: float, weight_inside: bool = False):
+    """Diffusion-ORRPO (seed 004 App. C): ``ℓ_i = e_θ[w_i] + λ·Σ_j W_ij·softplus(−r_ij)`` with
+    ``r_ij = log odds(w_i) − log odds(l_j)`` (:func:`orpo_log_odds`). ``W = I`` gives :func:`orpo`."""
+    mw, ml = model_err.chunk(2)
+    pair = rpo_pairwise(orpo_log_odds(mw, beta), orpo_log_odds(ml, beta), weights, weight_inside)
+    return mw + lambda_orpo * pair

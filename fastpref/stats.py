@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-__all__ = ["PreferenceStats", "preference_stats", "implicit_accuracy"]
+__all__ = ["PreferenceStats", "preference_stats", "implicit_accuracy", "KTOStats"]
 
 
 def implicit_accuracy(margin: torch.Tensor) -> torch.Tensor:
@@ -60,3 +60,35 @@ def preference_stats(
         reward_win=-0.5 * beta * (mw - rw),
         reward_lose=-0.5 * beta * (ml - rl),
     )
+
+
+@dataclass(frozen=True)
+class KTOStats:
+    """Detached per-sample statistics of :func:`fastpref.kto_loss` (N unpaired samples).
+
+    ``implicit_reward`` is β·(g − z) with g = e_ref − e_θ (positive: the model denoises the sample
+    better than the reference, beyond the batch reference point ``reference_point`` = z).
+    """
+
+    implicit_reward: torch.Tensor
+    reference_point: torch.Tensor
+    model_err: torch.Tensor
+    ref_err: torch.Tensor
+    desirable: torch.Tensor
+
+    def scalars(self) -> dict[str, float]:
+        """Means for a logger, split by label (this one does synchronise); NaN for an absent label."""
+        d = self.desirable
+        r = self.implicit_reward.float()
+        nan = torch.tensor(float("nan"), device=r.device)
+
+        def masked_mean(mask):
+            return torch.where(mask.any(), (r * mask).sum() / mask.sum().clamp(min=1), nan).item()
+
+        return {
+            "reward_desirable": masked_mean(d),
+            "reward_undesirable": masked_mean(~d),
+            "reference_point": self.reference_point.float().item(),
+            "model_err": self.model_err.float().mean().item(),
+            "ref_err": self.ref_err.float().mean().item(),
+        }

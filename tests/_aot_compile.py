@@ -8,6 +8,10 @@ Usage: python tests/_aot_compile.py  → prints one line per kernel variant, exi
 
 import itertools
 import sys
+from pathlib import Path
+
+# compile this checkout's kernels, not those of whatever fastpref the venv has installed
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -56,13 +60,27 @@ def pair_loss_variants():
         for has_ref in (True, False):
             yield (f"finalize {name} ref={has_ref}", P._pair_loss_finalize_kernel, "fp32",
                    {"LOSS": loss, "HAS_REF": has_ref, "SPLITS": 8, "SPLITS_P2": 8, "BLOCK_B": 512}, 4)  # fmt: skip
-    for dtype, per_pair, shared in [("bf16", False, True), ("fp32", True, False)]:
-        yield (f"bwd {dtype} per_pair={per_pair} shared={shared}", P._pair_err_bwd_kernel, dtype,
-               {"GRAD_PER_PAIR": per_pair, "SHARED_TARGET": shared, "BLOCK": 2048}, 8)  # fmt: skip
+    for dtype, per_pair, shared, unpaired in [("bf16", False, True, False), ("fp32", True, False, False),
+                                              ("fp16", True, False, True), ("bf16", False, True, True)]:  # fmt: skip
+        yield (f"bwd {dtype} per_pair={per_pair} shared={shared} unpaired={unpaired}", P._pair_err_bwd_kernel, dtype,
+               {"GRAD_PER_PAIR": per_pair, "SHARED_TARGET": shared, "UNPAIRED": unpaired, "BLOCK": 2048}, 8)  # fmt: skip
+
+
+def rpo_variants():
+    from fastpref.ops import pair_loss as P
+    from fastpref.ops import rpo as R
+
+    for kind in R.RPO_KINDS:
+        for from_emb in (True, False):
+            for inside in (False, True):
+                meta = {"LOSS": P.LOSS_IDS[kind], "FROM_EMB": from_emb, "WEIGHT_INSIDE": inside,
+                        "BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_K": 64}  # fmt: skip
+                for name, fn in (("rows fwd", R._rpo_rows_fwd_kernel), ("cols bwd", R._rpo_cols_bwd_kernel)):
+                    yield f"rpo {name} {kind} emb={from_emb} inside={inside}", fn, "fp32", meta, 4
 
 
 #: every kernel family adds its generator of (name, fn, pointer dtype, constexprs, num_warps) here
-VARIANTS = [pair_loss_variants]
+VARIANTS = [pair_loss_variants, rpo_variants]
 
 
 def main() -> int:

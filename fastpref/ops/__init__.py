@@ -6,10 +6,17 @@ from __future__ import annotations
 import functools
 import importlib.util
 
+import torch
+
 __all__ = ["triton_available"]
 
 
-@functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result  # under torch.compile: a constant, not a traced find_spec
 def triton_available() -> bool:
     """True when the ``triton`` package is installed (it is on Linux; not on macOS/Windows)."""
+    return _find_triton()
+
+
+@functools.lru_cache(maxsize=None)
+def _find_triton() -> bool:
     return importlib.util.find_spec("triton") is not None

@@ -43,10 +43,17 @@ __all__ = [
     "pair_err_partials",
     "pair_err_backward",
     "fused_pair_loss",
+    "fused_pair_errors",
+    "REF_FREE_LOSSES",
+    "UNPAIRED_LOSSES",
 ]
 
-#: constexpr ids of the per-pair losses (one kernel, many losses).
-LOSS_IDS = {"sigmoid": 0, "hinge": 1, "ipo": 2, "dmpo": 3}
+#: constexpr ids of the per-pair losses (one kernel, many losses). The single source of truth: the
+#: C++/CUDA backends mirror these numbers. Ids 0–4 are functions of d = Δθ − Δref; 5 and 6 are
+#: reference-free (functions of e_θ[w], e_θ[l]); 7 is unpaired (one loss per row).
+LOSS_IDS = {"sigmoid": 0, "hinge": 1, "ipo": 2, "dmpo": 3, "dro": 4, "mapo": 5, "orpo": 6, "kto": 7}
+REF_FREE_LOSSES = ("mapo", "orpo")
+UNPAIRED_LOSSES = ("kto",)
 
 # Largest per-sample size addressed with int32 column offsets; row offsets are int64, so the
 # whole tensor may exceed 2**31 elements (video latents).
@@ -86,29 +93,102 @@ def _sigmoid(x):
 
 
 @triton.jit
-def _pair_loss_and_grad(d, beta, c0, c1, LOSS: tl.constexpr):
-    """ℓ and ∂ℓ/∂d for d = Δθ − Δref (so u = −½βd). c0, c1: per-loss constants from the host."""
-    u = -0.5 * beta * d
-    if LOSS == 0:  # sigmoid: ℓ = softplus(−u), ∂ℓ/∂u = −σ(−u)
-        loss = _softplus(-u)
-        dl_du = -_sigmoid(-u)
-        dl_dd = dl_du * (-0.5 * beta)
-    elif LOSS == 1:  # hinge: ℓ = relu(1 − u), ∂ℓ/∂u = −1[u < 1]
-        m = 1.0 - u
-        loss = tl.where(m < 0.0, 0.0, m)
-        dl_du = tl.where(u < 1.0, -1.0, 0.0)
-        dl_dd = dl_du * (-0.5 * beta)
-    elif LOSS == 2:  # ipo: ℓ = (h − c0)², h = −d, c0 = 1/(2β)
-        r = -d - c0
-        loss = r * r
-        dl_dd = -2.0 * r
-    else:  # dmpo: c0 = log(1 − α), c1 = log α; ∂ℓ/∂u = σ(u)σ(−u)(u − log((1−α)/α))
-        s_pos = _sigmoid(u)
-        s_neg = _sigmoid(-u)
-        loss = s_pos * (-_softplus(-u) - c0) + s_neg * (-_softplus(u) - c1)
-        dl_du = s_pos * s_neg * (u - (c0 - c1))
-        dl_dd = dl_du * (-0.5 * beta)
-    return u, loss, dl_dd
+def _expm1_neg(x):
+    # 1 − e^{−x} for x ≥ 0 without cancellation (Kahan: (v − 1)·z/log v with v = e^z, z = −x)
+    v = tl.exp(-x)
+    small = x < 0.5  # above, 1 − v has no cancellation (and v may underflow to 0)
+    vs = tl.where(small & (v != 1.0), v, 0.5)
+    kahan = tl.where(v == 1.0, x, (vs - 1.0) * x / tl.log(vs))
+    return tl.where(small, kahan, 1.0 - v)
+
+
+@triton.jit
+def _mapo_f_and_grad(e, s):
+    """MaPO's f(e) = y/(e^y − 1), y = s·e, and df/de; a series near 0 (f → 1, f' → −s/2), the
+    Kahan form log(w)/(w − 1) with w = e^y in between, y·e^{−y} where e^y would overflow."""
+    y = s * e
+    y2 = y * y
+    w = tl.exp(tl.minimum(y, 60.0))
+    f_mid = tl.log(w) / tl.where(w == 1.0, 1.0, w - 1.0)
+    f = tl.where(y < 0.1, 1.0 - 0.5 * y + y2 / 12.0 - y2 * y2 / 720.0,
+                 tl.where(y > 60.0, y * tl.exp(-y), f_mid))  # fmt: skip
+    # φ'(y) = φ·((1 − φ)/y − 1), cancelling near 0: there the series −½ + y/6 − y³/180
+    df = tl.where(y < 0.1, -0.5 + y / 6.0 - y2 * y / 180.0, f * ((1.0 - f) / tl.where(y < 0.1, 1.0, y) - 1.0))
+    return f, s * df
+
+
+@triton.jit
+def _orpo_log_odds_and_grad(e, beta):
+    """log odds = log p − log(1 − p) with log p = −½βe, and its derivative −½β/(1 − p)."""
+    x = 0.5 * beta * e
+    # 1 − p, floored at 1e-30: a perfect prediction (e = 0) has infinite odds; the floor keeps the
+    # log-odds finite (≤ 69) — the reference floors the same way
+    q = tl.maximum(_expm1_neg(x), 1e-30)
+    # Mächler's log1mexp; each branch evaluated where it is accurate and finite
+    log_q = tl.where(x > 0.6931471805599453, _log1p(-tl.exp(-tl.maximum(x, 0.6931471805599453))), tl.log(q))
+    return -x - log_q, -0.5 * beta / q
+
+
+@triton.jit
+def _pair_loss_and_grad(mw, ml, rw, rl, beta, c0, c1, LOSS: tl.constexpr):
+    """Margin u, ℓ and ∂ℓ/∂e_θ of the winner and of the loser of one pair (paired losses, ids 0–6).
+
+    c0, c1: per-loss constants from the host (see ``_loss_constants``)."""
+    if LOSS == 5:  # mapo: u = T·(f(e_w) − f(e_l)), ℓ = e_w + β_M·softplus(−u); c0 = s, c1 = T
+        fw, dfw = _mapo_f_and_grad(mw, c0)
+        fl, dfl = _mapo_f_and_grad(ml, c0)
+        u = c1 * (fw - fl)
+        loss = mw + beta * _softplus(-u)
+        g = beta * _sigmoid(-u) * c1  # −∂(β_M·softplus(−u))/∂u
+        dl_dmw = 1.0 - g * dfw
+        dl_dml = g * dfl
+    elif LOSS == 6:  # orpo: u = lo(e_w) − lo(e_l), ℓ = e_w + λ·softplus(−u); beta: log p = −½βe, c0 = λ
+        lw, dlw = _orpo_log_odds_and_grad(mw, beta)
+        ll, dll = _orpo_log_odds_and_grad(ml, beta)
+        u = lw - ll
+        loss = mw + c0 * _softplus(-u)
+        g = c0 * _sigmoid(-u)
+        dl_dmw = 1.0 - g * dlw
+        dl_dml = g * dll
+    else:  # functions of d = Δθ − Δref, u = −½βd
+        d = (mw - ml) - (rw - rl)
+        u = -0.5 * beta * d
+        if LOSS == 0:  # sigmoid: ℓ = softplus(−u), ∂ℓ/∂u = −σ(−u)
+            loss = _softplus(-u)
+            dl_dd = -_sigmoid(-u) * (-0.5 * beta)
+        elif LOSS == 1:  # hinge: ℓ = relu(1 − u), ∂ℓ/∂u = −1[u < 1]
+            m = 1.0 - u
+            loss = tl.where(m < 0.0, 0.0, m)
+            dl_dd = tl.where(u < 1.0, -1.0, 0.0) * (-0.5 * beta)
+        elif LOSS == 2:  # ipo: ℓ = (h − c0)², h = −d, c0 = 1/(2β)
+            r = -d - c0
+            loss = r * r
+            dl_dd = -2.0 * r
+        elif LOSS == 3:  # dmpo: c0 = log(1 − α), c1 = log α; ∂ℓ/∂u = σ(u)σ(−u)(u − log((1−α)/α))
+            s_pos = _sigmoid(u)
+            s_neg = _sigmoid(-u)
+            loss = s_pos * (-_softplus(-u) - c0) + s_neg * (-_softplus(u) - c1)
+            dl_dd = s_pos * s_neg * (u - (c0 - c1)) * (-0.5 * beta)
+        else:  # dro (host passes β = 2, so u = −d): ℓ = relu(d + m) = relu(c0 − u), c0 = m
+            m = c0 - u
+            loss = tl.where(m < 0.0, 0.0, m)
+            dl_dd = tl.where(u < c0, 1.0, 0.0)
+        dl_dmw = dl_dd
+        dl_dml = -dl_dd
+    return u, loss, dl_dmw, dl_dml
+
+
+@triton.jit
+def _kto_row_loss_and_grad(m, r, y, z, beta, c0, c1):
+    """KTO for one row: x = β·(g − z), g = e_ref − e_θ; ℓ = λ_y·σ(−(2y−1)·x) (= λ_y·(1 − σ(±x)));
+    ∂ℓ/∂e_θ = λ_y·σ(t)σ(−t)·(2y−1)·β with t = (2y−1)·x. c0 = λ_desirable, c1 = λ_undesirable."""
+    desirable = y != 0.0
+    sign = tl.where(desirable, 1.0, -1.0)
+    lam = tl.where(desirable, c0, c1)
+    x = beta * ((r - m) - z)
+    t = sign * x
+    s_neg = _sigmoid(-t)
+    return x, lam * s_neg, lam * _sigmoid(t) * s_neg * sign * beta
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,7 +202,8 @@ def _pair_err_fwd_kernel(
     ref_ptr,  # (2B, D) ref_pred rows (read only when HAS_REF)
     target_ptr,  # (2B, D) target rows, or (B, D) when SHARED_TARGET
     partial_ptr,  # (2, 2B, SPLITS) fp32 out: Σ(model − target)², Σ(ref − target)² per split
-    B,  # number of pairs
+    B,  # number of pairs (programs along axis 0)
+    N,  # number of rows: 2B, or for unpaired losses any N ≤ 2B (row pair + B absent when ≥ N)
     D,  # elements per sample
     CHUNK,  # elements per split, a multiple of BLOCK
     stride_m,
@@ -137,6 +218,7 @@ def _pair_err_fwd_kernel(
     split = tl.program_id(1)
     win = pair
     lose = pair + B
+    has_lose = lose < N
     t_lose = pair if SHARED_TARGET else lose
     start = split * CHUNK
     end = tl.minimum(start + CHUNK, D)
@@ -149,82 +231,119 @@ def _pair_err_fwd_kernel(
     for off in range(start, end, BLOCK):
         idx = off + cols
         mask = idx < end
+        lmask = mask & has_lose
         # load in the storage dtype, do all math in fp32 (bf16 math is wrong in the interpreter
         # and imprecise everywhere)
         tw = tl.load(target_ptr + win * stride_t + idx, mask=mask, other=0.0).to(tl.float32)
         if SHARED_TARGET:
             tlo = tw
         else:
-            tlo = tl.load(target_ptr + t_lose * stride_t + idx, mask=mask, other=0.0).to(tl.float32)
+            tlo = tl.load(target_ptr + t_lose * stride_t + idx, mask=lmask, other=0.0).to(tl.float32)
         dw = tl.load(model_ptr + win * stride_m + idx, mask=mask, other=0.0).to(tl.float32) - tw
-        dl = tl.load(model_ptr + lose * stride_m + idx, mask=mask, other=0.0).to(tl.float32) - tlo
+        dl = tl.load(model_ptr + lose * stride_m + idx, mask=lmask, other=0.0).to(tl.float32) - tlo
         acc_mw += dw * dw
         acc_ml += dl * dl
         if HAS_REF:
             rw = tl.load(ref_ptr + win * stride_r + idx, mask=mask, other=0.0).to(tl.float32) - tw
-            rl = tl.load(ref_ptr + lose * stride_r + idx, mask=mask, other=0.0).to(tl.float32) - tlo
+            rl = tl.load(ref_ptr + lose * stride_r + idx, mask=lmask, other=0.0).to(tl.float32) - tlo
             acc_rw += rw * rw
             acc_rl += rl * rl
 
     tl.store(partial_ptr + win * SPLITS + split, tl.sum(acc_mw, axis=0))
-    tl.store(partial_ptr + lose * SPLITS + split, tl.sum(acc_ml, axis=0))
+    tl.store(partial_ptr + lose * SPLITS + split, tl.sum(acc_ml, axis=0), mask=has_lose)
     if HAS_REF:
-        ref_plane = 2 * B * SPLITS
+        ref_plane = N * SPLITS
         tl.store(partial_ptr + ref_plane + win * SPLITS + split, tl.sum(acc_rw, axis=0))
-        tl.store(partial_ptr + ref_plane + lose * SPLITS + split, tl.sum(acc_rl, axis=0))
+        tl.store(partial_ptr + ref_plane + lose * SPLITS + split, tl.sum(acc_rl, axis=0), mask=has_lose)
+
+
+@triton.jit
+def _load_errors(partial_ptr, ref_err_ptr, i, B, N, inv_D, m, ml,
+                 HAS_REF: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr):  # fmt: skip
+    """e_θ and e_ref of rows i and i + B from the split partial sums (summed in a fixed order)."""
+    splits = tl.arange(0, SPLITS_P2)
+    split_mask = splits < SPLITS
+    w_off = i[:, None] * SPLITS + splits[None, :]
+    l_off = (i[:, None] + B) * SPLITS + splits[None, :]
+    mw2 = m[:, None] & split_mask[None, :]
+    ml2 = ml[:, None] & split_mask[None, :]
+    mw = tl.sum(tl.load(partial_ptr + w_off, mask=mw2, other=0.0), axis=1) * inv_D
+    mlo = tl.sum(tl.load(partial_ptr + l_off, mask=ml2, other=0.0), axis=1) * inv_D
+    if HAS_REF:
+        ref_plane = N * SPLITS
+        rw = tl.sum(tl.load(partial_ptr + ref_plane + w_off, mask=mw2, other=0.0), axis=1) * inv_D
+        rl = tl.sum(tl.load(partial_ptr + ref_plane + l_off, mask=ml2, other=0.0), axis=1) * inv_D
+    else:
+        rw = tl.load(ref_err_ptr + i, mask=m, other=0.0).to(tl.float32)
+        rl = tl.load(ref_err_ptr + B + i, mask=ml, other=0.0).to(tl.float32)
+    return mw, mlo, rw, rl
 
 
 @triton.jit
 def _pair_loss_finalize_kernel(
-    partial_ptr,  # (2, 2B, SPLITS) fp32 partial sums from _pair_err_fwd_kernel
-    ref_err_ptr,  # (2B,) precomputed reference errors (read only when not HAS_REF)
-    err_ptr,  # (2, 2B) fp32 out: e_θ, e_ref
-    u_ptr,  # (B,) fp32 out: margin u_i
-    loss_ptr,  # (B,) fp32 out: ℓ_i
-    dl_de_ptr,  # (2B,) fp32 out: ∂ℓ_i/∂e_θ[k] (+∂ℓ/∂d for winners, −∂ℓ/∂d for losers)
-    total_ptr,  # (1,) fp32 out: scale · Σ_i ℓ_i
-    B,
+    partial_ptr,  # (2, N, SPLITS) fp32 partial sums from _pair_err_fwd_kernel
+    ref_err_ptr,  # (N,) precomputed reference errors (read only when not HAS_REF)
+    label_ptr,  # (N,) fp32 labels, 1 = desirable (read only by the unpaired loss, kto)
+    err_ptr,  # (2, N) fp32 out: e_θ, e_ref
+    u_ptr,  # (B,) fp32 out: margin u_i — (N,) for kto: β·(g_k − z)
+    loss_ptr,  # (B,) fp32 out: ℓ_i — (N,) for kto
+    dl_de_ptr,  # (N,) fp32 out: ∂ℓ/∂e_θ[k] of the pair (or row) k belongs to
+    total_ptr,  # (2,) fp32 out: scale · Σ ℓ, and kto's reference point z
+    B,  # pairs; for kto ceil(N/2) (row i + B is the second row handled with row i)
+    N,  # rows
     inv_D,  # 1 / D
     beta,
     c0,  # per-loss constants, see _pair_loss_and_grad
     c1,
-    scale,  # 1/B for reduction="mean", else 1
+    scale,  # 1/B (1/N for kto) for reduction="mean", else 1
     LOSS: tl.constexpr,
     HAS_REF: tl.constexpr,
     SPLITS: tl.constexpr,
     SPLITS_P2: tl.constexpr,
     BLOCK_B: tl.constexpr,
 ):
-    splits = tl.arange(0, SPLITS_P2)
-    split_mask = splits < SPLITS
+    UNPAIRED: tl.constexpr = LOSS == 7
     total = tl.zeros([BLOCK_B], dtype=tl.float32)
+    z = 0.0
+    if UNPAIRED:  # kto's reference point z = max(0, mean_k (e_ref − e_θ)[k]): one extra sweep
+        g_sum = tl.zeros([BLOCK_B], dtype=tl.float32)
+        for start in range(0, B, BLOCK_B):
+            i = start + tl.arange(0, BLOCK_B)
+            m = i < B
+            ml = m & (i + B < N)
+            mw, mlo, rw, rl = _load_errors(partial_ptr, ref_err_ptr, i, B, N, inv_D, m, ml, HAS_REF, SPLITS, SPLITS_P2)
+            g_sum += tl.where(m, rw - mw, 0.0) + tl.where(ml, rl - mlo, 0.0)
+        z = tl.maximum(tl.sum(g_sum, axis=0) / N, 0.0)
     for start in range(0, B, BLOCK_B):
         i = start + tl.arange(0, BLOCK_B)
         m = i < B
-        m2 = m[:, None] & split_mask[None, :]
-        w_off = i[:, None] * SPLITS + splits[None, :]
-        l_off = (i[:, None] + B) * SPLITS + splits[None, :]
-        mw = tl.sum(tl.load(partial_ptr + w_off, mask=m2, other=0.0), axis=1) * inv_D
-        ml = tl.sum(tl.load(partial_ptr + l_off, mask=m2, other=0.0), axis=1) * inv_D
-        if HAS_REF:
-            ref_plane = 2 * B * SPLITS
-            rw = tl.sum(tl.load(partial_ptr + ref_plane + w_off, mask=m2, other=0.0), axis=1) * inv_D
-            rl = tl.sum(tl.load(partial_ptr + ref_plane + l_off, mask=m2, other=0.0), axis=1) * inv_D
-        else:
-            rw = tl.load(ref_err_ptr + i, mask=m, other=0.0).to(tl.float32)
-            rl = tl.load(ref_err_ptr + B + i, mask=m, other=0.0).to(tl.float32)
-        u, loss, dl_dd = _pair_loss_and_grad((mw - ml) - (rw - rl), beta, c0, c1, LOSS)
-
+        ml = m & (i + B < N)
+        mw, mlo, rw, rl = _load_errors(partial_ptr, ref_err_ptr, i, B, N, inv_D, m, ml, HAS_REF, SPLITS, SPLITS_P2)
         tl.store(err_ptr + i, mw, mask=m)
-        tl.store(err_ptr + B + i, ml, mask=m)
-        tl.store(err_ptr + 2 * B + i, rw, mask=m)
-        tl.store(err_ptr + 3 * B + i, rl, mask=m)
-        tl.store(u_ptr + i, u, mask=m)
-        tl.store(loss_ptr + i, loss, mask=m)
-        tl.store(dl_de_ptr + i, dl_dd, mask=m)
-        tl.store(dl_de_ptr + B + i, -dl_dd, mask=m)
-        total += tl.where(m, loss, 0.0)
+        tl.store(err_ptr + B + i, mlo, mask=ml)
+        tl.store(err_ptr + N + i, rw, mask=m)
+        tl.store(err_ptr + N + B + i, rl, mask=ml)
+        if UNPAIRED:
+            yw = tl.load(label_ptr + i, mask=m, other=0.0)
+            yl = tl.load(label_ptr + B + i, mask=ml, other=0.0)
+            uw, lw, gw = _kto_row_loss_and_grad(mw, rw, yw, z, beta, c0, c1)
+            ul, ll, gl = _kto_row_loss_and_grad(mlo, rl, yl, z, beta, c0, c1)
+            tl.store(u_ptr + i, uw, mask=m)
+            tl.store(u_ptr + B + i, ul, mask=ml)
+            tl.store(loss_ptr + i, lw, mask=m)
+            tl.store(loss_ptr + B + i, ll, mask=ml)
+            tl.store(dl_de_ptr + i, gw, mask=m)
+            tl.store(dl_de_ptr + B + i, gl, mask=ml)
+            total += tl.where(m, lw, 0.0) + tl.where(ml, ll, 0.0)
+        else:
+            u, loss, dl_dmw, dl_dml = _pair_loss_and_grad(mw, mlo, rw, rl, beta, c0, c1, LOSS)
+            tl.store(u_ptr + i, u, mask=m)
+            tl.store(loss_ptr + i, loss, mask=m)
+            tl.store(dl_de_ptr + i, dl_dmw, mask=m)
+            tl.store(dl_de_ptr + B + i, dl_dml, mask=m)
+            total += tl.where(m, loss, 0.0)
     tl.store(total_ptr, tl.sum(total, axis=0) * scale)
+    tl.store(total_ptr + 1, z)
 
 
 @triton.jit
@@ -233,45 +352,54 @@ def _pair_err_bwd_kernel(
     target_ptr,  # (2B, D) or shared (B, D) target rows
     grad_ptr,  # (2B, D) out: ∂L/∂model_pred, contiguous, model_pred's dtype
     dl_de_ptr,  # (2B,) fp32 ∂ℓ/∂e_θ[k] of the pair (or sample) k belongs to
-    grad_out_ptr,  # (1,) or (B,) upstream gradient of the loss
+    grad_out_ptr,  # (1,) or (B,) upstream gradient of the loss — (N,) when UNPAIRED
     B,
+    N,  # rows (2B for pairs; unpaired: row pair + B is absent when ≥ N)
     D,
     CHUNK,
     stride_m,
     stride_t,
     coef,  # 2/D · (1/B for "mean")
-    GRAD_PER_PAIR: tl.constexpr,  # reduction="none": one upstream gradient per pair
+    GRAD_PER_PAIR: tl.constexpr,  # reduction="none": one upstream gradient per pair (per row)
     SHARED_TARGET: tl.constexpr,
+    UNPAIRED: tl.constexpr,  # kto: rows are independent samples, grad_out is per row
     BLOCK: tl.constexpr,
 ):
     pair = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     win = pair
     lose = pair + B
+    has_lose = lose < N
     t_lose = pair if SHARED_TARGET else lose
     if GRAD_PER_PAIR:
         g = tl.load(grad_out_ptr + pair).to(tl.float32) * coef
+        if UNPAIRED:
+            g_lose = tl.load(grad_out_ptr + lose, mask=has_lose, other=0.0).to(tl.float32) * coef
+        else:
+            g_lose = g
     else:
         g = tl.load(grad_out_ptr).to(tl.float32) * coef
+        g_lose = g
     cw = g * tl.load(dl_de_ptr + win)
-    cl = g * tl.load(dl_de_ptr + lose)
+    cl = g_lose * tl.load(dl_de_ptr + lose, mask=has_lose, other=0.0)
     start = split * CHUNK
     end = tl.minimum(start + CHUNK, D)
     cols = tl.arange(0, BLOCK)
     for off in range(start, end, BLOCK):
         idx = off + cols
         mask = idx < end
+        lmask = mask & has_lose
         tw = tl.load(target_ptr + win * stride_t + idx, mask=mask, other=0.0).to(tl.float32)
         if SHARED_TARGET:
             tlo = tw
         else:
-            tlo = tl.load(target_ptr + t_lose * stride_t + idx, mask=mask, other=0.0).to(tl.float32)
+            tlo = tl.load(target_ptr + t_lose * stride_t + idx, mask=lmask, other=0.0).to(tl.float32)
         pw = tl.load(model_ptr + win * stride_m + idx, mask=mask, other=0.0).to(tl.float32)
-        pl = tl.load(model_ptr + lose * stride_m + idx, mask=mask, other=0.0).to(tl.float32)
+        pl = tl.load(model_ptr + lose * stride_m + idx, mask=lmask, other=0.0).to(tl.float32)
         gw = cw * (pw - tw)
         gl = cl * (pl - tlo)
         tl.store(grad_ptr + win * D + idx, gw.to(grad_ptr.dtype.element_ty), mask=mask)
-        tl.store(grad_ptr + lose * D + idx, gl.to(grad_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_ptr + lose * D + idx, gl.to(grad_ptr.dtype.element_ty), mask=lmask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,7 +442,8 @@ def _rows(x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def pair_err_partials(model2d, ref2d, target2d, num_pairs, cfg):
-    """Launch the forward kernel: ``(2, 2B, SPLITS)`` fp32 partial sums of squares."""
+    """Launch the forward kernel: ``(2, N, SPLITS)`` fp32 partial sums of squares (N rows; for
+    unpaired rows ``num_pairs = ceil(N/2)`` programs each take rows p and p + num_pairs)."""
     block, num_warps, splits, chunk = cfg
     n, numel = model2d.shape
     shared = target2d.shape[0] != n
@@ -323,14 +452,14 @@ def pair_err_partials(model2d, ref2d, target2d, num_pairs, cfg):
     ref_arg = ref2d if has_ref else model2d
     _pair_err_fwd_kernel[(num_pairs, splits)](
         model2d, ref_arg, target2d, partial,
-        num_pairs, numel, chunk,
+        num_pairs, n, numel, chunk,
         model2d.stride(0), ref_arg.stride(0), target2d.stride(0),
         SPLITS=splits, HAS_REF=has_ref, SHARED_TARGET=shared, BLOCK=block, num_warps=num_warps,
     )  # fmt: skip
     return partial
 
 
-def pair_err_backward(model2d, target2d, dl_de, grad_out, coef, num_pairs, cfg):
+def pair_err_backward(model2d, target2d, dl_de, grad_out, coef, num_pairs, cfg, unpaired=False):
     """Launch the backward kernel: ``grad[k] = grad_out · coef · dl_de[k] · (model[k] − target[k])``."""
     block, num_warps, splits, chunk = cfg
     n, numel = model2d.shape
@@ -338,8 +467,8 @@ def pair_err_backward(model2d, target2d, dl_de, grad_out, coef, num_pairs, cfg):
     grad_out = grad_out.to(torch.float32).contiguous()
     _pair_err_bwd_kernel[(num_pairs, splits)](
         model2d, target2d, grad, dl_de, grad_out,
-        num_pairs, numel, chunk, model2d.stride(0), target2d.stride(0), coef,
-        GRAD_PER_PAIR=grad_out.numel() > 1, SHARED_TARGET=target2d.shape[0] != n,
+        num_pairs, n, numel, chunk, model2d.stride(0), target2d.stride(0), coef,
+        GRAD_PER_PAIR=grad_out.numel() > 1, SHARED_TARGET=target2d.shape[0] != n, UNPAIRED=unpaired,
         BLOCK=block, num_warps=num_warps,
     )  # fmt: skip
     return grad
@@ -354,16 +483,19 @@ def _loss_constants(loss: str, beta: float, alpha: float) -> tuple[float, float]
 
 
 class FusedPairLoss(torch.autograd.Function):
-    """Autograd wrapper: ``(model_pred, ref_pred | None, target, ref_err | None) → loss``.
+    """Autograd wrapper: ``(model_pred, ref_pred | None, target, ref_err | None, labels | None) → loss``.
 
-    Outputs ``(loss, margin, errors)``: the reduced (or per-pair) loss, u ``(B,)`` and the
-    ``(2, 2B)`` fp32 errors (e_θ, e_ref); only the loss is differentiable.
+    Outputs ``(loss, margin, errors)``: the reduced (or per-pair / per-row) loss, u ``(B,)`` (``(N,)``
+    for kto) and the ``(2, N)`` fp32 errors (e_θ, e_ref; e_ref = 0 for reference-free losses); only
+    the loss is differentiable.
     """
 
     @staticmethod
-    def forward(ctx, model_pred, ref_pred, target, ref_err, loss, beta, alpha, reduction, num_splits):
+    def forward(ctx, model_pred, ref_pred, target, ref_err, labels, loss, beta, c0, c1, reduction, num_splits):
         n = model_pred.shape[0]
-        num_pairs = n // 2
+        unpaired = loss in UNPAIRED_LOSSES
+        num_pairs = (n + 1) // 2
+        num_items = n if unpaired else num_pairs  # what "mean" averages over
         model2d = _rows(model_pred, n)
         target2d = _rows(target, target.shape[0])
         ref2d = _rows(ref_pred, n) if ref_pred is not None else None
@@ -372,39 +504,95 @@ class FusedPairLoss(torch.autograd.Function):
         partial = pair_err_partials(model2d, ref2d, target2d, num_pairs, cfg)
 
         dev = model2d.device
+        if ref2d is None and ref_err is None:  # reference-free: e_ref reads as 0
+            ref_err = torch.zeros(n, dtype=torch.float32, device=dev)
         err = torch.empty((2, n), dtype=torch.float32, device=dev)
-        u = torch.empty(num_pairs, dtype=torch.float32, device=dev)
-        losses = torch.empty(num_pairs, dtype=torch.float32, device=dev)
+        u = torch.empty(num_items, dtype=torch.float32, device=dev)
+        losses = torch.empty(num_items, dtype=torch.float32, device=dev)
         dl_de = torch.empty(n, dtype=torch.float32, device=dev)
-        total = torch.empty((), dtype=torch.float32, device=dev)
-        c0, c1 = _loss_constants(loss, beta, alpha)
+        total = torch.empty(2, dtype=torch.float32, device=dev)
         splits = cfg[2]
         splits_p2 = triton.next_power_of_2(splits)
         _pair_loss_finalize_kernel[(1,)](
-            partial, ref_err if ref_err is not None else partial, err, u, losses, dl_de, total,
-            num_pairs, 1.0 / numel, beta, c0, c1, 1.0 / num_pairs if reduction == "mean" else 1.0,
+            partial, ref_err if ref_err is not None else partial, labels if labels is not None else partial,
+            err, u, losses, dl_de, total,
+            num_pairs, n, 1.0 / numel, beta, c0, c1, 1.0 / num_items if reduction == "mean" else 1.0,
             LOSS=LOSS_IDS[loss], HAS_REF=ref2d is not None, SPLITS=splits, SPLITS_P2=splits_p2,
             BLOCK_B=max(1, min(triton.next_power_of_2(num_pairs), 4096 // splits_p2)),
         )  # fmt: skip
 
         ctx.save_for_backward(model2d, target2d, dl_de)
         ctx.cfg = cfg
+        ctx.unpaired = unpaired
         ctx.shape = model_pred.shape
-        ctx.coef = 2.0 / numel / (num_pairs if reduction == "mean" else 1)
+        ctx.coef = 2.0 / numel / (num_items if reduction == "mean" else 1)
         ctx.mark_non_differentiable(u, err)
-        out = losses if reduction == "none" else total
+        out = losses if reduction == "none" else total[0]
         return out, u, err
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_u, _grad_err):
         if not ctx.needs_input_grad[0]:
-            return (None,) * 9
+            return (None,) * 11
         model2d, target2d, dl_de = ctx.saved_tensors
-        grad = pair_err_backward(model2d, target2d, dl_de, grad_loss, ctx.coef, model2d.shape[0] // 2, ctx.cfg)
-        return (grad.view(ctx.shape),) + (None,) * 8
+        num_pairs = (model2d.shape[0] + 1) // 2
+        grad = pair_err_backward(model2d, target2d, dl_de, grad_loss, ctx.coef, num_pairs, ctx.cfg, ctx.unpaired)
+        return (grad.view(ctx.shape),) + (None,) * 10
 
 
 @torch.compiler.disable
-def fused_pair_loss(loss, model_pred, ref_pred, target, ref_err, *, beta, alpha, reduction, num_splits=None):
-    """Run the fused kernel family on validated inputs; returns ``(loss, margin, errors)``."""
-    return FusedPairLoss.apply(model_pred, ref_pred, target, ref_err, loss, beta, alpha, reduction, num_splits)
+def fused_pair_loss(loss, model_pred, ref_pred, target, ref_err, *, beta, alpha=0.5, reduction, num_splits=None,
+                    c0=None, c1=None, labels=None):  # fmt: skip
+    """Run the fused kernel family on validated inputs; returns ``(loss, margin, errors)``.
+
+    ``c0``/``c1`` override the per-loss constants (dro: margin; mapo: s, T; orpo: λ; kto: λ_desirable,
+    λ_undesirable); ``labels`` ``(N,)`` are kto's (1 = desirable)."""
+    if c0 is None:
+        c0, c1 = _loss_constants(loss, beta, alpha)
+    if labels is not None:
+        labels = labels.to(device=model_pred.device, dtype=torch.float32).contiguous()
+    return FusedPairLoss.apply(
+        model_pred, ref_pred, target, ref_err, labels, loss, beta, float(c0), float(c1 or 0.0), reduction, num_splits
+    )
+
+
+class PairErrors(torch.autograd.Function):
+    """``(model_pred, ref_pred | None, target) → (e_θ (N,), e_ref (N,))`` through the same kernels:
+    the per-sample errors alone, for losses that combine them across pairs (Diffusion-RPO). Only
+    e_θ is differentiable; its backward is the pair backward kernel with ``dl_de = ∂L/∂e_θ``."""
+
+    @staticmethod
+    def forward(ctx, model_pred, ref_pred, target, num_splits):
+        n = model_pred.shape[0]
+        num_pairs = (n + 1) // 2
+        model2d = _rows(model_pred, n)
+        target2d = _rows(target, target.shape[0])
+        ref2d = _rows(ref_pred, n) if ref_pred is not None else None
+        numel = model2d.shape[1]
+        cfg = launch_config(num_pairs, numel, model2d.device, num_splits)
+        partial = pair_err_partials(model2d, ref2d, target2d, num_pairs, cfg)
+        err = partial.sum(dim=2) * (1.0 / numel)  # (2, N): the fixed-order split sum, O(N·SPLITS)
+        ctx.save_for_backward(model2d, target2d)
+        ctx.cfg = cfg
+        ctx.shape = model_pred.shape
+        ctx.has_ref = ref2d is not None
+        ref = err[1] if ref2d is not None else torch.zeros_like(err[1])
+        ctx.mark_non_differentiable(ref)
+        return err[0], ref
+
+    @staticmethod
+    def backward(ctx, grad_err, _grad_ref):
+        if not ctx.needs_input_grad[0] or grad_err is None:
+            return None, None, None, None
+        model2d, target2d = ctx.saved_tensors
+        n, numel = model2d.shape
+        one = torch.ones(1, dtype=torch.float32, device=model2d.device)
+        grad = pair_err_backward(model2d, target2d, grad_err.to(torch.float32).contiguous(), one, 2.0 / numel,
+                                 (n + 1) // 2, ctx.cfg, unpaired=True)  # fmt: skip
+        return grad.view(ctx.shape), None, None, None
+
+
+@torch.compiler.disable
+def fused_pair_errors(model_pred, ref_pred, target, *, num_splits=None):
+    """Per-sample errors ``(e_θ, e_ref)`` through the fused kernels (e_ref = 0 without ``ref_pred``)."""
+    return PairErrors.apply(model_pred, ref_pred, target, num_splits)

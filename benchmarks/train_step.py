@@ -1,0 +1,503 @@
+"""One training step, per reference mode, against the diffusers-example step — side by side, one run.
+
+    python -m benchmarks.train_step                      # CPU preset: small UNet + small SD3 transformer
+    python -m benchmarks.train_step --pairs 2 8 --steps 10 --rounds 3
+
+Rows (LoRA unless marked *full*):
+
+``baseline``        the diffusers ``train_diffusion_dpo.py`` step: VAE ``encode`` and text encoder every
+                    step, policy call, reference call with ``disable_adapters()``, the eager loss lines.
+``baseline_full``   the same with a frozen copy of the model as reference (Salesforce DiffusionDPO style).
+``adapter_off``     fastpref: cached latents/embeddings, policy call, ``adapter_off`` reference, fused loss.
+``batched``         fastpref: cached latents, ONE forward for policy + reference rows, fused loss.
+``cache``           fastpref: cached latents, precomputed reference errors (no reference forward).
+``none``            fastpref: cached latents, policy only — the floor a reference-free loss (MaPO) pays.
+``copy``            fastpref, *full*: cached latents, frozen copy, fused loss.
+
+Every step is ``zero_grad → forward(s) → loss → backward → AdamW.step``. Time: median over
+``rounds × steps`` steps after warm-up, the modes interleaved round by round so that a noisy machine
+hurts all of them alike; also the fastest step and, on a CPU, the median *thread CPU time* of the
+step (``time.thread_time``; with one intra-op thread every op runs on the calling thread), which
+other processes on a shared machine inflate far less than wall time.
+Memory: on CUDA ``max_memory_allocated`` (everything on the device: weights,
+optimiser state, activations); on a CPU the resident weights the mode keeps (policy, reference copy,
+VAE and text encoder when it runs them) plus the peak RSS increase during its steps (sampled every
+millisecond after ``malloc_trim``; an approximation: the allocator may reuse freed memory).
+On a CPU ``fastpref.dpo_loss`` runs its PyTorch path (no kernel): the loss is a small part of a step.
+
+Writes ``benchmarks/results/train_step_<device>.csv`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import csv
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import fastpref
+from fastpref.train.latent_cache import stack_pairs
+from fastpref.train.ref_cache import noisy_latents_and_target, precompute_reference_errors, sample_noise_and_timesteps
+from fastpref.train.reference_modes import make_reference_mode, model_inputs
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LORA_MODES = ("baseline", "adapter_off", "batched", "cache", "none")
+FULL_MODES = ("baseline_full", "copy")
+COLUMNS = [
+    "model", "pairs", "mode", "loss", "step_ms_median", "step_ms_min", "cpu_ms_median", "pairs_per_s",
+    "time_vs_baseline", "cpu_time_vs_baseline",
+    "resident_mb", "step_peak_mb", "peak_mb", "mem_vs_baseline", "device", "threads", "torch", "diffusers", "peft",
+]
+
+# ----------------------------------------------------------------------------------------------
+# Models (small, random, built from configs: no download)
+# ----------------------------------------------------------------------------------------------
+
+IMAGE, LATENT_CH, TEXT_DIM, TEXT_LEN, POOLED_DIM = 32, 4, 64, 16, 32
+
+
+def build_models(kind: str, device, seed: int = 0):
+    from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), latent_channels=LATENT_CH,
+        norm_num_groups=8, sample_size=IMAGE,
+    )
+    text = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=1000, hidden_size=TEXT_DIM, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=TEXT_LEN, projection_dim=POOLED_DIM,
+    ))
+    latent = IMAGE // 2
+    if kind == "unet":
+        model = UNet2DConditionModel(
+            sample_size=latent, in_channels=LATENT_CH, out_channels=LATENT_CH, layers_per_block=1,
+            block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=TEXT_DIM, attention_head_dim=8,
+            norm_num_groups=16,
+        )
+        scheduler = DDPMScheduler(num_train_timesteps=1000)
+    else:
+        model = SD3Transformer2DModel(
+            sample_size=latent, patch_size=2, in_channels=LATENT_CH, num_layers=4, attention_head_dim=16,
+            num_attention_heads=4, joint_attention_dim=TEXT_DIM, caption_projection_dim=64,
+            pooled_projection_dim=POOLED_DIM, out_channels=LATENT_CH, pos_embed_max_size=latent,
+        )
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    for m in (vae, text):
+        m.requires_grad_(False).eval().to(device)
+    return model.to(device), vae, text, scheduler
+
+
+def encode_prompt(text, ids, kind):
+    out = text(ids)
+    cond = {"encoder_hidden_states": out.last_hidden_state}
+    if kind != "unet":
+        cond["pooled_projections"] = out.text_embeds
+    return cond
+
+
+def add_lora(model, rank=8):
+    from peft import LoraConfig
+
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                 target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    return model
+
+
+def module_mb(*modules) -> float:
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters()) / 2**20
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory
+# ----------------------------------------------------------------------------------------------
+
+
+class PeakRSS:
+    """Peak resident-set increase over a block, sampled every millisecond (CPU)."""
+
+    def __init__(self):
+        self._libc = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    @contextlib.contextmanager
+    def measure(self):
+        if self._libc is not None:
+            self._libc.malloc_trim(0)  # give freed heap back, so the next block's growth shows
+        start = self._rss()
+        box = {"peak": start}
+        stop = threading.Event()
+
+        def sample():
+            while not stop.is_set():
+                box["peak"] = max(box["peak"], self._rss())
+                time.sleep(0.001)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        try:
+            yield box
+        finally:
+            stop.set()
+            thread.join()
+            box["peak"] = max(box["peak"], self._rss())
+            box["delta_mb"] = (box["peak"] - start) / 2**20
+
+
+# ----------------------------------------------------------------------------------------------
+# The steps
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    kind: str
+    pairs: int
+    device: torch.device
+    model: torch.nn.Module
+    vae: torch.nn.Module
+    text: torch.nn.Module
+    scheduler: object
+    pixels: torch.Tensor  # (N, 2, 3, H, W)
+    ids: torch.Tensor  # (N, L)
+    cached: list  # latent-cache rows {"latents", "cond"}
+    beta: float = 5000.0
+    extra: dict = field(default_factory=dict)
+
+
+def eager_dpo_loss(model_pred, ref_pred, target, beta):
+    """The loss lines of diffusers' train_diffusion_dpo.py (sigmoid), verbatim in structure."""
+    model_losses = (model_pred.float() - target.float()).pow(2).mean(dim=[1, 2, 3])
+    model_losses_w, model_losses_l = model_losses.chunk(2)
+    model_diff = model_losses_w - model_losses_l
+    with torch.no_grad():
+        ref_losses = (ref_pred.float() - target.float()).pow(2).mean(dim=[1, 2, 3])
+        ref_losses_w, ref_losses_l = ref_losses.chunk(2)
+        ref_diff = ref_losses_w - ref_losses_l
+    inside_term = -0.5 * beta * (model_diff - ref_diff)
+    return -1 * F.logsigmoid(inside_term).mean()
+
+
+def eager_dmpo_loss(model_pred, ref_pred, target, beta, alpha=0.01):
+    """DMPO written the eager way (seed 002 eq. 14), as a user would add it to that script."""
+    e = (model_pred.float() - target.float()).pow(2).mean(dim=[1, 2, 3])
+    with torch.no_grad():
+        r = (ref_pred.float() - target.float()).pow(2).mean(dim=[1, 2, 3])
+    (ew, el), (rw, rl) = e.chunk(2), r.chunk(2)
+    u = -0.5 * beta * ((ew - el) - (rw - rl))
+    s = torch.sigmoid(u)
+    log_1m_alpha, log_alpha = torch.log1p(torch.tensor(-alpha)), torch.log(torch.tensor(alpha))
+    return (s * (F.logsigmoid(u) - log_1m_alpha) + (1 - s) * (F.logsigmoid(-u) - log_alpha)).mean()
+
+
+def make_step(setup: Setup, mode: str, loss_name: str):
+    """A closure running one optimiser step of ``mode`` on batch ``i``; returns it and the modules kept."""
+    kind, b, dev = setup.kind, setup.pairs, setup.device
+    model = setup.model
+    full = mode in FULL_MODES
+    if full:
+        policy = setup.extra.setdefault("full_policy", _full_copy(model))
+    else:
+        policy = model
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    n_rows = setup.pixels.shape[0]
+
+    def rows(i):
+        start = (i * b) % (n_rows - b + 1)
+        return list(range(start, start + b))
+
+    if mode in ("baseline", "baseline_full"):
+        ref_model = _frozen_copy(policy) if full else None
+        eager = eager_dpo_loss if loss_name == "dpo" else eager_dmpo_loss
+
+        def step(i):
+            idx = rows(i)
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                px = setup.pixels[idx].to(dev)
+                px = torch.cat([px[:, 0], px[:, 1]])
+                latents = setup.vae.encode(px).latent_dist.sample() * setup.vae.config.scaling_factor
+                cond = encode_prompt(setup.text, setup.ids[idx].to(dev), kind)
+                cond = {k: torch.cat([v, v]) for k, v in cond.items()}
+            noise = torch.randn_like(latents[:b])
+            t_index = torch.randint(0, 1000, (b,))
+            x_t, t, target = noisy_latents_and_target(setup.scheduler, latents, noise, t_index)
+            inputs = model_inputs(policy, x_t, t, cond)
+            model_pred = policy(**inputs, return_dict=False)[0]
+            with torch.no_grad():
+                if full:
+                    ref_pred = ref_model(**inputs, return_dict=False)[0]
+                else:
+                    policy.disable_adapters()
+                    ref_pred = policy(**inputs, return_dict=False)[0]
+                    policy.enable_adapters()
+            loss = eager(model_pred, ref_pred, target, setup.beta)
+            loss.backward()
+            opt.step()
+            return loss
+
+        kept = [policy, setup.vae, setup.text] + ([ref_model] if full else [])
+        return step, kept
+
+    if mode == "cache":
+        cache = setup.extra.get("ref_cache")
+        if cache is None:
+            cache = setup.extra["ref_cache"] = precompute_reference_errors(
+                model, setup.cached, scheduler=setup.scheduler, seed=0, epochs=1,
+                dataset_fingerprint="bench", batch_size=max(b, 8), progress=False,
+            )
+        ref = make_reference_mode("cache", policy, cache=cache)
+    else:
+        ref = make_reference_mode(mode, policy)
+    loss_fn = fastpref.dpo_loss if loss_name == "dpo" else fastpref.dmpo_loss
+
+    def step(i):
+        idx = rows(i)
+        opt.zero_grad(set_to_none=True)
+        x0, cond = stack_pairs([setup.cached[j] for j in idx])
+        x0, cond = x0.to(dev), {k: v.to(dev) for k, v in cond.items()}
+        if mode == "cache":
+            noise, t_index = sample_noise_and_timesteps(setup.scheduler, x0.shape[1:], idx, 0, 0)
+        else:
+            noise, t_index = torch.randn(b, *x0.shape[1:]), torch.randint(0, 1000, (b,))
+        x_t, t, target = noisy_latents_and_target(setup.scheduler, x0, noise.to(dev), t_index)
+        out = ref(policy, model_inputs(policy, x_t, t, cond), pair_indices=idx, epoch=0)
+        if mode == "none":  # reference-free floor: the SFT term every such loss contains
+            loss = (out.model_pred.float() - target).pow(2).mean()
+        else:
+            loss = loss_fn(out.model_pred, out.ref_pred, target, ref_err=out.ref_err, beta=setup.beta)
+        loss.backward()
+        opt.step()
+        return loss
+
+    kept = [policy] + ([ref.reference] if mode == "copy" else [])
+    return step, kept
+
+
+def _frozen_copy(model):
+    import copy
+
+    ref = copy.deepcopy(model).requires_grad_(False).eval()
+    return ref
+
+
+def _full_copy(model):
+    """The same weights as a plain (adapter-free) model, every parameter trainable: full fine-tune."""
+    import copy
+
+    from fastpref.train.reference_modes import tuner_layers
+
+    full = copy.deepcopy(model)
+    if tuner_layers(full):
+        full.disable_adapters()
+        full = _strip_adapters(full)
+    return full.requires_grad_(True).train()
+
+
+def _strip_adapters(model):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, BaseTunerLayer):
+                setattr(module, child_name, child.get_base_layer())
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Runner
+# ----------------------------------------------------------------------------------------------
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+        return f"{fields.get('Model name', platform.processor()).strip()} ({fields.get('CPU(s)', '?').strip()} CPUs)"
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or "cpu"
+
+
+def run(kind: str, pairs: int, losses, args, device) -> list[dict]:
+    import diffusers
+    import peft
+
+    model, vae, text, scheduler = build_models(kind, device)
+    add_lora(model)
+    model.train()
+    n_rows = max(4 * pairs, 16)
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.rand(n_rows, 2, 3, IMAGE, IMAGE, generator=g) * 2 - 1
+    ids = torch.randint(0, 1000, (n_rows, TEXT_LEN), generator=g)
+    with torch.no_grad():  # the latent cache, built once (fastpref.train.latent_cache does the same per row)
+        cached = []
+        for i in range(n_rows):
+            lat = vae.encode(pixels[i].to(device)).latent_dist.sample() * vae.config.scaling_factor
+            cond = encode_prompt(text, ids[i : i + 1].to(device), kind)
+            cached.append({"latents": lat.cpu(), "cond": {k: v[0].cpu() for k, v in cond.items()}})
+    setup = Setup(kind, pairs, device, model, vae, text, scheduler, pixels, ids, cached)
+
+    modes = [m for m in LORA_MODES + FULL_MODES if m in args.modes]
+    configs = [(m, loss) for m in modes for loss in (losses if m != "none" else ["sft"])]
+    steps, kept, mem = {}, {}, {}
+    times, cpu_times = {c: [] for c in configs}, {c: [] for c in configs}
+    rss = PeakRSS()
+    for c in configs:  # build, warm up and measure memory once per config
+        steps[c], kept[c] = make_step(setup, *c)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(device)
+        with rss.measure() as box:
+            for i in range(args.warmup):
+                steps[c](i)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            mem[c] = (torch.cuda.max_memory_allocated(device) / 2**20, None)
+        else:
+            resident = module_mb(*{id(m): m for m in kept[c]}.values())
+            mem[c] = (resident + box["delta_mb"], resident, box["delta_mb"])
+    for r in range(args.rounds):  # interleaved timing
+        for c in configs:
+            for i in range(args.steps):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0, c0 = time.perf_counter(), time.thread_time()
+                loss = steps[c](args.warmup + r * args.steps + i)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times[c].append(time.perf_counter() - t0)
+                cpu_times[c].append(time.thread_time() - c0)
+                if not torch.isfinite(loss.detach()):
+                    raise RuntimeError(f"{kind} {c}: non-finite loss")
+
+    rows = []
+    dev_name = device_name(device)
+    for c in configs:
+        mode, loss = c
+        base = ("baseline_full" if mode in FULL_MODES else "baseline", loss if loss != "sft" else "dpo")
+        med = statistics.median(times[c])
+        base_med = statistics.median(times[base]) if base in times else float("nan")
+        cpu_med = statistics.median(cpu_times[c])
+        base_cpu = statistics.median(cpu_times[base]) if base in cpu_times else float("nan")
+        peak = mem[c][0]
+        base_peak = mem[base][0] if base in mem else float("nan")
+        rows.append({
+            "model": kind, "pairs": pairs, "mode": mode, "loss": loss,
+            "step_ms_median": round(1e3 * med, 2), "step_ms_min": round(1e3 * min(times[c]), 2),
+            "cpu_ms_median": round(1e3 * cpu_med, 2),
+            "pairs_per_s": round(pairs / med, 2), "time_vs_baseline": round(med / base_med, 3),
+            "cpu_time_vs_baseline": round(cpu_med / base_cpu, 3),
+            "resident_mb": round(mem[c][1], 2) if mem[c][1] is not None else "",
+            "step_peak_mb": round(mem[c][2], 2) if len(mem[c]) > 2 else "",
+            "peak_mb": round(peak, 2), "mem_vs_baseline": round(peak / base_peak, 3),
+            "device": dev_name, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "peft": peft.__version__,
+        })
+        print(" ".join(f"{k}={rows[-1][k]}" for k in COLUMNS[:14]), flush=True)
+    return rows
+
+
+def write(rows, device, command):
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    slug = "cuda" if device.type == "cuda" else "cpu"
+    path = RESULTS / f"train_step_{slug}.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    render(path, command)
+
+
+def render(path: Path, command: str | None = None) -> None:
+    """The markdown table of a results CSV (``--render`` redoes it from the CSV alone). Besides the
+    median, the fastest step and its ratio: on a shared machine the minimum is the steadier estimate
+    of what a step costs (other processes only ever add time)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    mins = {(r["model"], r["pairs"], r["mode"], r["loss"]): float(r["step_ms_min"]) for r in rows}
+
+    def min_ratio(r):
+        base = "baseline_full" if r["mode"] in FULL_MODES else "baseline"
+        b = mins.get((r["model"], r["pairs"], base, r["loss"] if r["loss"] != "sft" else "dpo"))
+        return f"{float(r['step_ms_min']) / b:.3f}" if b else ""
+
+    head = rows[0]
+    lines = [
+        f"Device: {head['device']}, {head['threads']} thread(s); torch {head['torch']}, diffusers "
+        f"{head['diffusers']}, peft {head['peft']}." + (f" Command: `{command}`." if command else ""),
+        "",
+        "| model | pairs | mode | loss | step ms median | step ms min | CPU ms median | pairs/s (median) "
+        "| time vs baseline (median) | (min) | (CPU time) | peak MB | memory vs baseline |",
+        "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['pairs']} | {r['mode']} | {r['loss']} | {r['step_ms_median']} | {r['step_ms_min']} "
+            f"| {r.get('cpu_ms_median', '')} | {r['pairs_per_s']} | {r['time_vs_baseline']} | {min_ratio(r)} "
+            f"| {r.get('cpu_time_vs_baseline', '')} | {r['peak_mb']} | {r['mem_vs_baseline']} |"
+        )
+    Path(path).with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {path} and {Path(path).with_suffix('.md')}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["unet", "sd3"], choices=["unet", "sd3"])
+    parser.add_argument("--pairs", nargs="+", type=int, default=[2, 8])
+    parser.add_argument("--losses", nargs="+", default=["dpo", "dmpo"], choices=["dpo", "dmpo"])
+    parser.add_argument("--modes", nargs="+", default=list(LORA_MODES + FULL_MODES), choices=LORA_MODES + FULL_MODES)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--render", type=Path, help="only rewrite the markdown table of this results CSV")
+    parser.add_argument("--command", help="with --render: the command that produced the CSV")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (default 1: stable timings on a shared machine; OpenMP spin-waits "
+                        "degrade badly when other processes hold the cores)")
+    args = parser.parse_args(argv)
+    if args.render:
+        render(args.render, args.command)
+        return 0
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    for need in ("baseline",):
+        if need not in args.modes:
+            args.modes.append(need)
+    if any(m in FULL_MODES for m in args.modes) and "baseline_full" not in args.modes:
+        args.modes.append("baseline_full")
+    device = torch.device(args.device)
+    rows = []
+    for kind in args.models:
+        for pairs in args.pairs:
+            rows += run(kind, pairs, args.losses, args, device)
+    write(rows, device, "python -m benchmarks.train_step " + " ".join(argv if argv is not None else sys.argv[1:]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

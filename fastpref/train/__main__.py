@@ -1,0 +1,5 @@
+import sys
+
+from fastpref.train import main
+
+sys.exit(main())

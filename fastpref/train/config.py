@@ -1,0 +1,241 @@
+"""Training configuration: one dataclass, the diffusers-style command line, and a TOML equivalent.
+
+Every field is a flag of the same name (``--learning_rate 1e-4``) and a key of the same name in a
+TOML file (``learning_rate = 1e-4``); flags given on the command line override the file, which
+overrides the defaults. :meth:`TrainConfig.validate` refuses a bad value before anything is loaded,
+with a message that says what to fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field
+
+__all__ = ["TrainConfig", "build_parser", "parse_args", "load_toml"]
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+WEIGHTING_SCHEMES = ("logit_normal", "none", "mode", "sigma_sqrt", "cosmap")
+
+
+@dataclass
+class TrainConfig:
+    """All settings of one ``fastpref-train`` run (flag = field name)."""
+
+    # -- model: a hub id, a local diffusers folder, or an embedded tiny model built from configs
+    pretrained_model_name_or_path: str = "fastpref:tiny-unet"
+    revision: str | None = None
+    # -- data: "synthetic", a Pick-a-Pic-style parquet file or folder of them, or a metadata.jsonl folder
+    dataset: str = "synthetic"
+    synthetic_size: int = 512
+    max_train_pairs: int | None = None
+    eval_pairs: int = 32
+    resolution: int | None = None  # default: the model's native resolution
+    dataloader_num_workers: int = 0
+    # -- objective
+    loss: str = "dmpo"
+    beta: float | None = None  # None: the loss function's own default (dpo 5000, dmpo 2000, …)
+    alpha: float = 0.01  # DMPO's α
+    reference_mode: str = "auto"
+    weighting_scheme: str = "logit_normal"  # flow matching timestep density (diffusers' SD3 scripts)
+    # -- optional supervised warm-up: plain diffusion loss on both images of each pair, then the
+    #    preference loss starts from (and uses as its reference) the warmed-up model
+    sft_steps: int = 0
+    sft_learning_rate: float | None = None  # None: --learning_rate
+    # -- what is trained
+    lora_rank: int = 8  # 0 = full fine-tune
+    lora_alpha: int | None = None  # None: = lora_rank
+    # -- optimisation
+    mixed_precision: str = "no"
+    train_batch_size: int = 4  # pairs per device per micro-batch
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    max_train_steps: int = 100
+    seed: int = 0
+    # -- checkpoints and outputs
+    output_dir: str = "fastpref-output"
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = None
+    resume_from_checkpoint: str | None = None  # a checkpoint folder or "latest"
+    # -- logging and evaluation
+    logging_steps: int = 1
+    validation_steps: int = 0  # evaluate every K optimizer steps (0: only at the end)
+    validation_prompts: list[str] = field(default_factory=list)  # empty: the dataset's own
+    validation_seed: int = 0
+    num_inference_steps: int = 20
+    report_to: str = "csv,tensorboard,png"  # png: curves.png at the end
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def is_lora(self) -> bool:
+        return self.lora_rank > 0
+
+    def validate(self) -> "TrainConfig":
+        """Refuse bad values before anything is built. Returns ``self``."""
+        from fastpref.train.objectives import OBJECTIVES
+        from fastpref.train.ref import REFERENCE_MODES
+
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(msg)
+
+        def positive_int(name: str, allow_zero: bool = False) -> None:
+            v = getattr(self, name)
+            ok = isinstance(v, int) and not isinstance(v, bool) and (v >= 0 if allow_zero else v > 0)
+            need(ok, f"--{name} must be an integer {'≥ 0' if allow_zero else '≥ 1'}, got {v!r}")
+
+        def finite(name: str, lo: float | None = None, strict: bool = True) -> None:
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            if ok and lo is not None:
+                ok = v > lo if strict else v >= lo
+            bound = "" if lo is None else f" {'>' if strict else '≥'} {lo:g}"
+            need(ok, f"--{name} must be a finite number{bound}, got {v!r}")
+
+        need(
+            isinstance(self.pretrained_model_name_or_path, str) and self.pretrained_model_name_or_path != "",
+            "--pretrained_model_name_or_path is required: a hub id (stabilityai/stable-diffusion-3.5-medium), a "
+            "local diffusers folder, or fastpref:tiny-unet / fastpref:tiny-unet-v / fastpref:tiny-sd3",
+        )
+        need(
+            self.loss in OBJECTIVES,
+            f"--loss must be one of {', '.join(sorted(OBJECTIVES))} (the losses this fastpref provides), got {self.loss!r}",
+        )
+        if self.beta is not None:
+            finite("beta", 0.0)
+        need(
+            isinstance(self.alpha, (int, float)) and 0.0 < self.alpha < 1.0,
+            f"--alpha must lie strictly between 0 and 1 (DMPO's α; published 0.01 or 0.1), got {self.alpha!r}",
+        )
+        modes = ("auto", *REFERENCE_MODES)
+        need(self.reference_mode in modes, f"--reference_mode must be one of {', '.join(modes)}, got {self.reference_mode!r}")
+        need(self.mixed_precision in MIXED_PRECISION, f"--mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
+        need(self.lr_scheduler in LR_SCHEDULERS, f"--lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
+        need(self.weighting_scheme in WEIGHTING_SCHEMES, f"--weighting_scheme must be one of {', '.join(WEIGHTING_SCHEMES)}, got {self.weighting_scheme!r}")
+        positive_int("lora_rank", allow_zero=True)
+        if self.lora_alpha is not None:
+            positive_int("lora_alpha")
+        for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps",
+                     "logging_steps", "num_inference_steps", "synthetic_size"):
+            positive_int(name)
+        for name in ("sft_steps", "lr_warmup_steps", "validation_steps", "eval_pairs", "dataloader_num_workers", "seed",
+                     "validation_seed"):
+            positive_int(name, allow_zero=True)
+        for name in ("max_train_pairs", "checkpoints_total_limit", "resolution"):
+            if getattr(self, name) is not None:
+                positive_int(name)
+        finite("learning_rate", 0.0)
+        if self.sft_learning_rate is not None:
+            finite("sft_learning_rate", 0.0)
+        finite("adam_weight_decay", 0.0, strict=False)
+        finite("adam_epsilon", 0.0)
+        finite("max_grad_norm", 0.0)
+        for name in ("adam_beta1", "adam_beta2"):
+            v = getattr(self, name)
+            need(isinstance(v, (int, float)) and 0.0 <= v < 1.0, f"--{name} must lie in [0, 1), got {v!r}")
+        need(
+            isinstance(self.validation_prompts, list) and all(isinstance(p, str) and p.strip() for p in self.validation_prompts),
+            f"--validation_prompts must be a list of non-empty strings, got {self.validation_prompts!r}",
+        )
+        unknown = set(filter(None, self.report_to.split(","))) - {"csv", "tensorboard", "png"}
+        need(not unknown, f"--report_to takes a comma-separated subset of csv,tensorboard,png, got {self.report_to!r}")
+        need(isinstance(self.output_dir, str) and self.output_dir != "", "--output_dir must be a folder path")
+        if self.resume_from_checkpoint not in (None, "latest"):
+            need(
+                os.path.isdir(self.resume_from_checkpoint),
+                f"--resume_from_checkpoint must be 'latest' or an existing checkpoint folder, got {self.resume_from_checkpoint!r}",
+            )
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line and TOML
+# ----------------------------------------------------------------------------------------------
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _field_type(f: dataclasses.Field) -> str:
+    return str(f.type).replace(" ", "")
+
+
+def _parse_bool_none(kind: str):
+    base = kind.split("|")[0]
+
+    def convert(text: str):
+        if "None" in kind and text.lower() in ("none", "null", ""):
+            return None
+        return {"int": int, "float": float, "str": str}[base](text)
+
+    convert.__name__ = base  # argparse names the type in its error message
+    return convert
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fastpref-train",
+        description="Preference fine-tuning (Diffusion-DPO, DMPO, …) of diffusers UNet and SD3-style models "
+        "with fastpref's fused losses. Every flag is also a key of --config FILE.toml.",
+    )
+    p.add_argument("--config", default=None, help="TOML file with any of the flags below as keys")
+    for name, f in _FIELDS.items():
+        kind = _field_type(f)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"(default: {default!r})"
+        if kind.startswith("list"):
+            p.add_argument(f"--{name}", nargs="+", default=None, help=help_text)
+        else:
+            p.add_argument(f"--{name}", type=_parse_bool_none(kind), default=None, help=help_text)
+    return p
+
+
+def load_toml(path: str) -> dict:
+    """Read a TOML config; unknown keys are refused (a typo must not silently fall back to a default)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--config {path!r} does not exist")
+    with open(path, "rb") as fh:
+        try:
+            data = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"--config {path!r} is not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - set(_FIELDS))
+    if unknown:
+        raise ValueError(f"--config {path!r} has unknown keys {unknown}; valid keys are the flag names, e.g. learning_rate")
+    return data
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """Defaults < TOML file < command-line flags; then :meth:`TrainConfig.validate`."""
+    ns = build_parser().parse_args(argv)
+    values: dict = {}
+    if ns.config is not None:
+        values.update(load_toml(ns.config))
+    values.update({k: v for k, v in vars(ns).items() if k != "config" and v is not None})
+    return config_from_dict(values).validate()
+
+
+def config_from_dict(values: dict) -> TrainConfig:
+    unknown = sorted(set(values) - set(_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown training options {unknown}")
+    cfg = TrainConfig(**values)
+    # TOML integers where floats are expected are fine; floats where integers are expected are not.
+    for name, f in _FIELDS.items():
+        v = getattr(cfg, name)
+        if _field_type(f).startswith("float") and isinstance(v, int) and not isinstance(v, bool):
+            setattr(cfg, name, float(v))
+    return cfg

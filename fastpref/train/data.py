@@ -1,0 +1,287 @@
+"""Preference-pair datasets: Pick-a-Pic v2 parquet, a ``metadata.jsonl`` folder, and an embedded
+synthetic set generated on the fly.
+
+Every dataset yields ``{"pixel_values": (2, 3, H, W) in [−1, 1], winner first; "caption": str;
+"index": int}``. Rows that cannot be used are skipped and counted in ``dataset.skipped`` (a dict
+``reason → count`` the trainer logs): ties (``label_0 = 0.5``) and missing captions when the index is
+built, corrupt images when they are decoded (the item comes back as ``None`` and
+:func:`collate_pairs` drops it and counts it in the batch). A dataset with no usable pair is refused
+with a message that says what was found.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import math
+import os
+from collections import Counter
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+__all__ = [
+    "SyntheticPreferences",
+    "PickAPicParquet",
+    "FolderPairs",
+    "build_dataset",
+    "collate_pairs",
+    "EpochSampler",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Embedded synthetic set: a coloured disc on a textured background; the preferred image is the one
+# whose disc has the colour the prompt names. The rule is a reward anyone can compute.
+# ----------------------------------------------------------------------------------------------
+
+PALETTE = {
+    "red": (0.9, -0.8, -0.8),
+    "green": (-0.8, 0.8, -0.8),
+    "blue": (-0.8, -0.8, 0.9),
+    "yellow": (0.9, 0.9, -0.8),
+    "magenta": (0.9, -0.8, 0.9),
+    "cyan": (-0.8, 0.9, 0.9),
+}
+
+
+class SyntheticPreferences(Dataset):
+    """``size`` pairs, item i generated from seed ``(seed, i)``: prompt "a {colour} disc"; both images
+    hold a disc at a random place on a random textured background, the winner's disc in the prompt's
+    colour (± jitter), the loser's in another palette colour. :meth:`reward` scores any image for a
+    prompt — the winner always scores higher, so the preference follows the reward."""
+
+    def __init__(self, size: int = 512, resolution: int = 16, seed: int = 0):
+        self.size, self.resolution, self.seed = size, resolution, seed
+        self.skipped: Counter = Counter()
+        self.colors = list(PALETTE)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def prompts(self) -> list[str]:
+        return [f"a {c} disc" for c in self.colors]
+
+    def _image(self, g: torch.Generator, rgb) -> torch.Tensor:
+        r = self.resolution
+        yy, xx = torch.meshgrid(torch.arange(r, dtype=torch.float32), torch.arange(r, dtype=torch.float32), indexing="ij")
+        cy, cx = (0.3 + 0.4 * torch.rand(2, generator=g)) * r
+        radius = (0.25 + 0.1 * torch.rand(1, generator=g)) * r
+        mask = ((yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2).float()
+        background = 0.2 * torch.randn(3, r, r, generator=g) + (0.4 * torch.rand(1, generator=g) - 0.2)
+        color = torch.tensor(rgb) + 0.1 * torch.randn(3, generator=g)
+        return (mask * color[:, None, None] + (1 - mask) * background).clamp(-1, 1)
+
+    def __getitem__(self, i: int) -> dict:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(i))
+        c = int(torch.randint(len(self.colors), (1,), generator=g))
+        other = (c + 1 + int(torch.randint(len(self.colors) - 1, (1,), generator=g))) % len(self.colors)
+        win = self._image(g, PALETTE[self.colors[c]])
+        lose = self._image(g, PALETTE[self.colors[other]])
+        return {"pixel_values": torch.stack([win, lose]), "caption": f"a {self.colors[c]} disc", "index": int(i)}
+
+    @staticmethod
+    def reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Per image: the fraction of pixels within distance 0.6 of the prompt's colour, minus the
+        fraction near any other palette colour. In [−1, 1]; higher = more of the asked-for colour."""
+        images = images.float().clamp(-1, 1)
+        pix = images.flatten(2).transpose(1, 2)  # (N, HW, 3)
+        table = torch.tensor(list(PALETTE.values()))  # (K, 3)
+        near = (torch.cdist(pix, table.expand(pix.shape[0], -1, -1)) < 0.6).float().mean(1)  # (N, K)
+        names = list(PALETTE)
+        idx = torch.tensor([names.index(next(c for c in names if f" {c} " in f" {p} ")) for p in prompts])
+        own = near.gather(1, idx[:, None]).squeeze(1)
+        return own - (near.sum(1) - own)
+
+
+# ----------------------------------------------------------------------------------------------
+# Real data
+# ----------------------------------------------------------------------------------------------
+
+
+def _image_transform(resolution: int):
+    from torchvision import transforms
+
+    return transforms.Compose([
+        transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
+        transforms.CenterCrop(resolution),
+        transforms.ToTensor(),
+        transforms.Normalize([0.5], [0.5]),
+    ])
+
+
+def _decode(data: bytes, transform) -> torch.Tensor | None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return transform(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return None
+
+
+def _usable_caption(caption) -> bool:
+    return isinstance(caption, str) and caption.strip() != ""
+
+
+class _PairIndex(Dataset):
+    """Shared bookkeeping: rows ``(source, winner_is_0, caption)`` and skip counts."""
+
+    def __init__(self, resolution: int):
+        self.resolution = resolution  # the trainer sets it to the model's once the model is loaded
+        self._transform = (None, None)
+        self.skipped: Counter = Counter()
+        self.rows: list = []
+
+    @property
+    def transform(self):
+        if self._transform[0] != self.resolution:
+            self._transform = (self.resolution, _image_transform(self.resolution))
+        return self._transform[1]
+
+    def _add(self, ref, label_0, caption) -> None:
+        if not _usable_caption(caption):
+            self.skipped["missing_caption"] += 1
+        elif label_0 is None or (isinstance(label_0, float) and math.isnan(label_0)):
+            self.skipped["missing_label"] += 1
+        elif float(label_0) == 0.5:
+            self.skipped["tie"] += 1
+        else:
+            self.rows.append((ref, float(label_0) > 0.5, caption))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _item(self, i, raw0: bytes, raw1: bytes):
+        _, winner_is_0, caption = self.rows[i]
+        a, b = _decode(raw0, self.transform), _decode(raw1, self.transform)
+        if a is None or b is None:
+            return None  # counted by collate_pairs as a corrupt image
+        win, lose = (a, b) if winner_is_0 else (b, a)
+        return {"pixel_values": torch.stack([win, lose]), "caption": caption, "index": int(i)}
+
+
+class PickAPicParquet(_PairIndex):
+    """Pick-a-Pic v2 parquet shards (columns ``jpg_0``, ``jpg_1``, ``label_0``, ``caption``).
+
+    ``label_0 = 1`` → image 0 preferred, ``0`` → image 1, ``0.5`` → tie (dropped, counted). The index
+    reads only ``label_0`` and ``caption``; image bytes are read per row group when an item is asked for.
+    """
+
+    COLUMNS = ("jpg_0", "jpg_1", "label_0", "caption")
+
+    def __init__(self, path: str, resolution: int):
+        import pyarrow.parquet as pq
+
+        super().__init__(resolution)
+        files = sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True)) if os.path.isdir(path) else [path]
+        if not files:
+            raise ValueError(f"--dataset {path!r}: no .parquet files found there")
+        self.files = files
+        for fi, f in enumerate(files):
+            pf = pq.ParquetFile(f)
+            missing = [c for c in self.COLUMNS if c not in pf.schema_arrow.names]
+            if missing:
+                raise ValueError(f"--dataset {f!r} lacks the Pick-a-Pic columns {missing} "
+                                 f"(has {pf.schema_arrow.names}); expected {list(self.COLUMNS)}")
+            row = 0
+            for rg in range(pf.num_row_groups):
+                t = pf.read_row_group(rg, columns=["label_0", "caption"]).to_pydict()
+                for k, (label, caption) in enumerate(zip(t["label_0"], t["caption"])):
+                    self._add((fi, rg, k), label, caption)
+                row += pf.metadata.row_group(rg).num_rows
+        self._cache_key, self._cache = None, None
+
+    def __getitem__(self, i: int):
+        import pyarrow.parquet as pq
+
+        (fi, rg, k), _, _ = self.rows[i]
+        if self._cache_key != (fi, rg):  # one row group in memory at a time (per worker)
+            self._cache = pq.ParquetFile(self.files[fi]).read_row_group(rg, columns=["jpg_0", "jpg_1"]).to_pydict()
+            self._cache_key = (fi, rg)
+        return self._item(i, self._cache["jpg_0"][k], self._cache["jpg_1"][k])
+
+
+class FolderPairs(_PairIndex):
+    """A folder with ``metadata.jsonl``: one JSON object per line with ``image_0``, ``image_1`` (paths
+    relative to the folder), ``label_0`` (1, 0 or 0.5, as Pick-a-Pic) and ``caption``."""
+
+    def __init__(self, path: str, resolution: int):
+        super().__init__(resolution)
+        self.root = path
+        meta = os.path.join(path, "metadata.jsonl")
+        with open(meta) as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    self.skipped["bad_metadata_line"] += 1
+                    continue
+                if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) for k in ("image_0", "image_1")):
+                    self.skipped["bad_metadata_line"] += 1
+                    continue
+                self._add((rec["image_0"], rec["image_1"]), rec.get("label_0"), rec.get("caption"))
+
+    def __getitem__(self, i: int):
+        (p0, p1), _, _ = self.rows[i]
+
+        def read(p):
+            try:
+                with open(os.path.join(self.root, p), "rb") as fh:
+                    return fh.read()
+            except OSError:
+                return b""
+
+        return self._item(i, read(p0), read(p1))
+
+
+def build_dataset(spec: str, *, resolution: int, synthetic_size: int = 512, seed: int = 0) -> Dataset:
+    """``"synthetic"``, a parquet file or a folder of parquet files, or a folder with ``metadata.jsonl``."""
+    if spec == "synthetic":
+        ds = SyntheticPreferences(synthetic_size, resolution, seed)
+    elif os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "metadata.jsonl")):
+        ds = FolderPairs(spec, resolution)
+    elif (os.path.isfile(spec) and spec.endswith(".parquet")) or os.path.isdir(spec):
+        ds = PickAPicParquet(spec, resolution)
+    else:
+        raise ValueError(f"--dataset {spec!r}: expected 'synthetic', a Pick-a-Pic .parquet file, a folder of them, "
+                         "or a folder with metadata.jsonl (image_0, image_1, label_0, caption per line)")
+    if len(ds) == 0:
+        found = ", ".join(f"{v} {k}" for k, v in ds.skipped.items()) or "no rows"
+        raise ValueError(f"--dataset {spec!r} has no usable preference pair ({found}); ties (label_0 = 0.5) "
+                         "and rows without a caption are dropped — point --dataset at data with decided pairs")
+    return ds
+
+
+def collate_pairs(items: list) -> dict:
+    """Stack items; ``None`` items (corrupt images) are dropped and counted in ``batch["corrupt"]``."""
+    good = [it for it in items if it is not None]
+    if not good:
+        return {"pixel_values": None, "caption": [], "index": torch.empty(0, dtype=torch.long), "corrupt": len(items)}
+    return {
+        "pixel_values": torch.stack([it["pixel_values"] for it in good]),
+        "caption": [it["caption"] for it in good],
+        "index": torch.tensor([it["index"] for it in good]),
+        "corrupt": len(items) - len(good),
+    }
+
+
+class EpochSampler(Sampler):
+    """A seeded shuffle of ``indices``, a new permutation per epoch (``set_epoch``): the order of any
+    epoch can be rebuilt from (seed, epoch) alone, which makes the data position resumable."""
+
+    def __init__(self, indices: list[int], seed: int):
+        self.indices, self.seed, self.epoch = list(indices), seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        return iter([self.indices[j] for j in torch.randperm(len(self.indices), generator=g).tolist()])
+
+    def __len__(self) -> int:
+        return len(self.indices)

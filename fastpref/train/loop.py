@@ -1,0 +1,476 @@
+"""The training loop: one function, readable top to bottom (the diffusers DPO example's shape).
+
+    for each micro-batch (B pairs, winner and loser images):
+        latents   = encode(images)                       → (2B, *S)  [w_0 … w_{B−1}, l_0 … l_{B−1}]
+        noisy, t  = noise each pair with one ε and one t (shared by winner and loser)
+        model_pred, ref = reference_mode.predict(...)     policy once on the stacked batch (+ reference)
+        loss, stats = fastpref.<loss>(model_pred, ref, target, return_stats=True)
+        accelerator.backward(loss); clip; optimizer step every gradient_accumulation_steps
+
+Randomness that decides a step's numbers (noise, timesteps, VAE posterior samples) comes from a
+generator seeded by (seed, epoch, batch, rank) and the data order from (seed, epoch): together with
+the optimizer, scheduler and RNG states accelerate saves, a resumed run repeats an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field, fields, is_dataclass
+
+import numpy as np
+import torch
+
+from fastpref.reference import pair_errors
+from fastpref.stats import implicit_accuracy
+from fastpref.train.config import TrainConfig
+from fastpref.train.data import EpochSampler, build_dataset, collate_pairs
+from fastpref.train.metrics import MetricsLogger, plot_curves
+from fastpref.train.models import LORA_TARGET_MODULES, DiffusionModel, frozen_copy, load_model, save_model
+from fastpref.train.objectives import get_objective
+from fastpref.train.ref import NEEDS_FROZEN_COPY, REFERENCE_MODES, ReferenceMode, resolve_reference_mode
+
+__all__ = ["train", "compute_loss", "StepOutput", "TrainResult"]
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    stats: object  # the loss's stats (PreferenceStats for the paired losses)
+    model_pred: torch.Tensor
+    ref: dict
+    target: torch.Tensor
+    timesteps: torch.Tensor
+    num_pairs: int
+
+
+@dataclass
+class TrainResult:
+    global_step: int
+    output_dir: str
+    history: list = field(default_factory=list)  # the train rows this process logged
+    eval_history: list = field(default_factory=list)
+    data_skipped: dict = field(default_factory=dict)
+
+
+def step_generator(*key: int) -> torch.Generator:
+    """A CPU generator seeded from a tuple of integers (numpy's SeedSequence mixes them well)."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0] >> 1))
+
+
+def compute_loss(model: DiffusionModel, policy, reference: ReferenceMode, objective, batch: dict,
+                 generator: torch.Generator, cfg: TrainConfig, accelerator) -> StepOutput:
+    """The loss of one micro-batch (one policy forward on the stacked ``[w; l]`` batch)."""
+    device = accelerator.device
+    pixels = batch["pixel_values"].to(device)  # (B, 2, C, H, W), winner first
+    pixels = torch.cat([pixels[:, 0], pixels[:, 1]])  # (2B, C, H, W): winners, then losers
+    latents = model.encode_images(pixels, generator)
+    cond = model.encode_prompts(batch["caption"], device)
+    cond = {k: torch.cat([v, v]) for k, v in cond.items()}  # a pair shares its prompt
+    noised = model.noise_pairs(latents, generator)
+    with accelerator.autocast():
+        model_pred, ref = reference.predict(policy, noised, cond, batch)
+    loss, stats = objective.call(model_pred, ref, noised.target, cfg)
+    return StepOutput(loss, stats, model_pred.detach(), ref, noised.target, noised.timesteps, pixels.shape[0] // 2)
+
+
+def _stat_means(out: StepOutput) -> dict[str, torch.Tensor]:
+    """Batch means of the loss's stats, as detached device tensors (synchronised only when logged)."""
+    values = {"loss": out.loss.detach().float()}
+    if is_dataclass(out.stats):
+        for f in fields(out.stats):
+            v = getattr(out.stats, f.name)
+            if isinstance(v, torch.Tensor):
+                values["u" if f.name == "margin" else f.name] = v.detach().float().mean()
+    return values
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB → MiB (process peak RSS)
+
+
+def _default_prompts(dataset, indices: list[int], n: int = 4) -> list[str]:
+    """The first ``n`` distinct captions of readable pairs (held-out ones first)."""
+    out: list[str] = []
+    for i in indices:
+        item = dataset[i]
+        if item is not None and item["caption"] not in out:
+            out.append(item["caption"])
+        if len(out) == n:
+            break
+    return out
+
+
+def _checkpoints(output_dir: str) -> list[str]:
+    if not os.path.isdir(output_dir):
+        return []
+    names = [d for d in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", d)]
+    return [os.path.join(output_dir, d) for d in sorted(names, key=lambda d: int(d.split("-")[1]))]
+
+
+def supervised_warmup(model: DiffusionModel, dataset, indices: list[int], cfg: TrainConfig, accelerator) -> DiffusionModel:
+    """``cfg.sft_steps`` steps of the plain diffusion loss (MSE to the target) on both images of every
+    pair — no preference — so that preference training starts from a model that can generate the
+    data (a randomly initialised model cannot: DPO from scratch only pushes errors apart). The result
+    is saved in ``output_dir/sft_model`` and reused when the same run is resumed.
+
+    Every process runs the same seeded warm-up (no gradient sync needed: they agree bit for bit)."""
+    from tqdm.auto import tqdm
+
+    folder = os.path.join(cfg.output_dir, "sft_model")
+    lr = cfg.sft_learning_rate or cfg.learning_rate
+    marker = {"model": cfg.pretrained_model_name_or_path, "sft_steps": cfg.sft_steps, "seed": cfg.seed,
+              "dataset": cfg.dataset, "learning_rate": lr, "train_batch_size": cfg.train_batch_size}
+    marker_path = os.path.join(folder, "fastpref_sft.json")
+    if os.path.isfile(marker_path):
+        with open(marker_path) as fh:
+            if json.load(fh) == marker:
+                accelerator.print(f"supervised warm-up: reusing {folder}")
+                return load_model(folder, weighting_scheme=model.weighting_scheme)
+    device = accelerator.device
+    for m in model.frozen_modules():
+        m.requires_grad_(False).eval().to(device)
+    denoiser = model.denoiser.to(device).train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(denoiser.parameters(), lr=lr, weight_decay=cfg.adam_weight_decay)
+    sampler = EpochSampler(indices, cfg.seed + 1)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train_batch_size, sampler=sampler, drop_last=True,
+                                         collate_fn=collate_pairs, num_workers=cfg.dataloader_num_workers)
+    step, epoch = 0, 0
+    progress = tqdm(total=cfg.sft_steps, desc="sft", disable=not accelerator.is_main_process)
+    while step < cfg.sft_steps:
+        sampler.set_epoch(epoch)
+        for batch_idx, batch in enumerate(loader):
+            if batch["pixel_values"] is None:
+                continue
+            g = step_generator(cfg.seed, 1 << 21, epoch, batch_idx)
+            pixels = batch["pixel_values"].to(device)
+            latents = model.encode_images(torch.cat([pixels[:, 0], pixels[:, 1]]), g)
+            cond = model.encode_prompts(batch["caption"], device)
+            noised = model.noise_pairs(latents, g)
+            with accelerator.autocast():
+                pred = model.predict(denoiser, noised.noisy, noised.timesteps,
+                                     {k: torch.cat([v, v]) for k, v in cond.items()})
+            target = noised.target if noised.target.shape[0] == pred.shape[0] else torch.cat([noised.target] * 2)
+            loss = torch.nn.functional.mse_loss(pred.float(), target.float())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(denoiser.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            progress.update(1)
+            progress.set_postfix(mse=f"{loss.item():.4f}")
+            if step >= cfg.sft_steps:
+                break
+        epoch += 1
+    progress.close()
+    denoiser.requires_grad_(False)
+    if accelerator.is_main_process:
+        save_model(model, folder)
+        with open(marker_path, "w") as fh:
+            json.dump(marker, fh)
+    accelerator.wait_for_everyone()
+    return model
+
+
+def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None, on_step=None) -> TrainResult:
+    """Run one training job. ``model`` / ``dataset`` override what ``cfg`` names (for programmatic use);
+    ``on_step(global_step, StepOutput)`` is called after every micro-batch's forward."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from tqdm.auto import tqdm
+
+    cfg.validate()
+    objective = get_objective(cfg.loss)
+    mode_name = resolve_reference_mode(cfg, objective)
+    # accelerate keeps process-wide singletons; a second train() in one process (tests, notebooks) may
+    # use another mixed precision. The distributed part (PartialState) is kept.
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        project_config=ProjectConfiguration(project_dir=cfg.output_dir),
+    )
+    device, world = accelerator.device, accelerator.num_processes
+
+    # ---- data (refused here, before any model is loaded, when unusable) ----------------------------
+    if dataset is None:
+        dataset = build_dataset(cfg.dataset, resolution=cfg.resolution or 0, synthetic_size=cfg.synthetic_size,
+                                seed=cfg.seed)
+    n_eval = min(cfg.eval_pairs, len(dataset) // 4)  # held-out pairs: the last ones, never trained on
+    train_idx = list(range(len(dataset) - n_eval))
+    if cfg.max_train_pairs is not None:
+        train_idx = train_idx[: cfg.max_train_pairs]
+    eval_idx = list(range(len(dataset) - n_eval, len(dataset)))
+    if len(train_idx) < cfg.train_batch_size * world:
+        raise ValueError(f"--dataset has {len(train_idx)} training pairs (after holding out {n_eval} for evaluation), "
+                         f"fewer than one batch (--train_batch_size {cfg.train_batch_size} × {world} processes); "
+                         "use more data or a smaller --train_batch_size")
+
+    # ---- model -----------------------------------------------------------------------------------
+    if model is None:
+        model = load_model(cfg.pretrained_model_name_or_path, revision=cfg.revision,
+                           weighting_scheme=cfg.weighting_scheme)
+    resolution = cfg.resolution or model.resolution
+    if resolution % model.vae_scale_factor:
+        raise ValueError(f"--resolution {resolution} must be a multiple of the VAE's factor {model.vae_scale_factor}")
+    dataset.resolution = resolution
+    if cfg.sft_steps:
+        model = supervised_warmup(model, dataset, train_idx, cfg, accelerator)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    def place(module, dtype):  # .to(dtype) only when it changes something (diffusers warns otherwise)
+        module.to(device)
+        return module.to(dtype) if dtype != torch.float32 else module
+
+    for m in model.frozen_modules():
+        place(m.requires_grad_(False).eval(), weight_dtype)
+
+    denoiser = model.denoiser
+    ref_module = place(frozen_copy(denoiser), weight_dtype) if mode_name in NEEDS_FROZEN_COPY else None
+    if cfg.is_lora:
+        from diffusers.training_utils import cast_training_params
+        from peft import LoraConfig
+
+        place(denoiser.requires_grad_(False), weight_dtype)
+        with torch.random.fork_rng(devices=[]):  # adapter init must not depend on what ran before
+            torch.manual_seed(cfg.seed)
+            denoiser.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank,
+                                            init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES))
+        cast_training_params(denoiser, dtype=torch.float32)  # trainable LoRA weights stay fp32
+    else:
+        place(denoiser.requires_grad_(True), torch.float32)  # fp32 master weights
+    denoiser.train()
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    reference = REFERENCE_MODES[mode_name](cfg, model, accelerator, ref_module)
+
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    from diffusers.optimization import get_scheduler
+
+    # accelerate steps a prepared scheduler once per process per update: hence the × world (diffusers does the same)
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * world,
+                                 num_training_steps=cfg.max_train_steps * world)
+    sampler = EpochSampler(train_idx, cfg.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train_batch_size, sampler=sampler, drop_last=True,
+                                         collate_fn=collate_pairs, num_workers=cfg.dataloader_num_workers)
+    denoiser, optimizer, loader, lr_scheduler = accelerator.prepare(denoiser, optimizer, loader, lr_scheduler)
+    model.denoiser = accelerator.unwrap_model(denoiser)
+
+    # ---- checkpoints: the model part is the LoRA adapters (peft state dict) or the full weights ----
+    def save_hook(models, weights, out_dir):
+        if accelerator.is_main_process:
+            for m in models:
+                m = accelerator.unwrap_model(m)
+                if cfg.is_lora:
+                    from peft.utils import get_peft_model_state_dict
+                    from safetensors.torch import save_file
+
+                    save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(m).items()},
+                              os.path.join(out_dir, "adapter_model.safetensors"))
+                else:
+                    m.save_pretrained(os.path.join(out_dir, "denoiser"))
+        while weights:
+            weights.pop()
+
+    def load_hook(models, in_dir):
+        while models:
+            m = accelerator.unwrap_model(models.pop())
+            if cfg.is_lora:
+                from peft.utils import set_peft_model_state_dict
+                from safetensors.torch import load_file
+
+                set_peft_model_state_dict(m, load_file(os.path.join(in_dir, "adapter_model.safetensors")))
+            else:
+                loaded = type(m).from_pretrained(os.path.join(in_dir, "denoiser"))
+                m.load_state_dict(loaded.state_dict())
+                del loaded
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+    def save_checkpoint(step: int) -> None:
+        if accelerator.is_main_process and cfg.checkpoints_total_limit is not None:
+            old = _checkpoints(cfg.output_dir)
+            for path in old[: max(0, len(old) - cfg.checkpoints_total_limit + 1)]:
+                shutil.rmtree(path)
+        path = os.path.join(cfg.output_dir, f"checkpoint-{step}")
+        accelerator.save_state(path)
+        if accelerator.is_main_process:
+            with open(os.path.join(path, "trainer_state.json"), "w") as fh:
+                json.dump({"global_step": step, "loss": cfg.loss, "seed": cfg.seed,
+                           "lora_rank": cfg.lora_rank, "corrupt_images": corrupt_total}, fh)
+
+    updates_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
+    global_step, corrupt_total = 0, 0
+    if cfg.resume_from_checkpoint:
+        found = _checkpoints(cfg.output_dir)
+        path = (found[-1] if found else None) if cfg.resume_from_checkpoint == "latest" else cfg.resume_from_checkpoint
+        if path is None:
+            accelerator.print(f"--resume_from_checkpoint latest: no checkpoint in {cfg.output_dir}; starting a new run")
+        else:
+            with open(os.path.join(path, "trainer_state.json")) as fh:
+                state = json.load(fh)
+            if (state["loss"], state["lora_rank"]) != (cfg.loss, cfg.lora_rank):
+                raise ValueError(f"--resume_from_checkpoint {path}: it was written with --loss {state['loss']} "
+                                 f"--lora_rank {state['lora_rank']}; resume with the same settings")
+            accelerator.load_state(path)
+            global_step, corrupt_total = state["global_step"], state.get("corrupt_images", 0)
+            accelerator.print(f"resumed from {path} at step {global_step}")
+
+    # ---- logging ---------------------------------------------------------------------------------
+    log_dir = os.path.join(cfg.output_dir, "logs")
+    logger = MetricsLogger(log_dir, cfg.report_to, resume_step=global_step) if accelerator.is_main_process else None
+    result = TrainResult(global_step, cfg.output_dir, data_skipped=dict(dataset.skipped))
+    if accelerator.is_main_process:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        with open(os.path.join(cfg.output_dir, "run_config.json"), "w") as fh:
+            json.dump({**cfg.to_dict(), "reference_mode_resolved": mode_name, "device": str(device),
+                       "train_pairs": len(train_idx), "eval_pairs": len(eval_idx),
+                       "data_skipped": dict(dataset.skipped)}, fh, indent=2)
+        skipped = ", ".join(f"{v} {k}" for k, v in dataset.skipped.items()) or "none"
+        accelerator.print(f"fastpref-train: {cfg.loss} on {len(train_idx)} pairs ({len(eval_idx)} held out; "
+                          f"skipped: {skipped}), {'LoRA r=%d' % cfg.lora_rank if cfg.is_lora else 'full fine-tune'}, "
+                          f"reference {mode_name}, {model.family}/{model.prediction_type}, {device}")
+
+    prompts = cfg.validation_prompts or (dataset.prompts() if hasattr(dataset, "prompts") else
+                                         _default_prompts(dataset, eval_idx + train_idx))
+
+    def evaluate(step: int) -> None:
+        """Held-out implicit accuracy at fixed noise; a sample grid from fixed prompts and seeds; reward."""
+        if not accelerator.is_main_process:
+            return
+        policy = accelerator.unwrap_model(denoiser)
+        correct = []
+        with torch.no_grad():
+            for start in range(0, len(eval_idx), cfg.train_batch_size):
+                batch = collate_pairs([dataset[i] for i in eval_idx[start: start + cfg.train_batch_size]])
+                if batch["pixel_values"] is None:
+                    continue
+                out = compute_loss(model, policy, reference, objective, batch, step_generator(cfg.seed, 1 << 20, start),
+                                   cfg, accelerator)
+                model_err = pair_errors(out.model_pred, out.target)
+                if "ref_pred" in out.ref:
+                    ref_err = pair_errors(out.ref["ref_pred"], out.target)
+                else:
+                    ref_err = out.ref.get("ref_err", torch.zeros_like(model_err))
+                mw, ml = model_err.chunk(2)
+                rw, rl = ref_err.float().chunk(2)
+                correct.append(-((mw - ml) - (rw - rl)))  # the sign of u (β > 0)
+            with accelerator.autocast():
+                seeds = [cfg.validation_seed + k for k in range(2) for _ in prompts]
+                images = model.sample(policy, prompts * 2, seeds, cfg.num_inference_steps, device)
+        row = {"heldout_accuracy": implicit_accuracy(torch.cat(correct)).item() if correct else None}
+        if hasattr(dataset, "reward"):
+            row["reward"] = dataset.reward(images.cpu(), prompts * 2).mean().item()
+        from torchvision.utils import save_image
+
+        os.makedirs(os.path.join(cfg.output_dir, "samples"), exist_ok=True)
+        save_image((images + 1) / 2, os.path.join(cfg.output_dir, "samples", f"step-{step:06d}.png"), nrow=len(prompts))
+        logger.log("eval", step, row)
+        result.eval_history.append({"step": step, **row})
+
+    # ---- the loop --------------------------------------------------------------------------------
+    if global_step == 0 and cfg.validation_steps:
+        evaluate(0)  # the starting point, so the curves show the change
+    first_epoch = global_step // updates_per_epoch
+    resume_batches = (global_step % updates_per_epoch) * cfg.gradient_accumulation_steps
+    progress = tqdm(total=cfg.max_train_steps, initial=global_step, desc="steps", disable=not accelerator.is_main_process)
+    pending: list[dict] = []
+    pairs_in_update, t_update = 0, time.perf_counter()
+    epoch = first_epoch
+    while global_step < cfg.max_train_steps:
+        sampler.set_epoch(epoch)
+        batches = loader
+        if epoch == first_epoch and resume_batches:
+            batches = accelerator.skip_first_batches(loader, resume_batches)
+        for batch_idx, batch in enumerate(batches, start=resume_batches if epoch == first_epoch else 0):
+            corrupt_total += int(batch["corrupt"])
+            with accelerator.accumulate(denoiser):
+                if batch["pixel_values"] is None:  # every image of the micro-batch was unreadable
+                    loss = sum(p.sum() * 0.0 for p in params)  # keeps DDP's collectives in step
+                    out = None
+                else:
+                    out = compute_loss(model, denoiser, reference, objective, batch,
+                                       step_generator(cfg.seed, epoch, batch_idx, accelerator.process_index),
+                                       cfg, accelerator)
+                    loss = out.loss
+                    pending.append(_stat_means(out))
+                    pairs_in_update += out.num_pairs
+                    if on_step is not None:
+                        on_step(global_step + 1, out)
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            progress.update(1)
+            if global_step % cfg.logging_steps == 0 or global_step == cfg.max_train_steps:
+                means = {k: torch.stack([p[k] for p in pending]).mean() for k in (pending[0] if pending else {})}
+                means = {k: accelerator.reduce(v.to(device), "mean").item() for k, v in means.items()}
+                pairs = accelerator.reduce(torch.tensor(float(pairs_in_update), device=device), "sum").item()
+                dt = time.perf_counter() - t_update
+                row = {**means, "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                       "lr": lr_scheduler.get_last_lr()[0], "pairs_per_s": pairs / dt if dt > 0 else None,
+                       "peak_mem_mb": _peak_memory_mb(device), "corrupt_images": corrupt_total}
+                if accelerator.is_main_process:
+                    logger.log("train", global_step, row)
+                    result.history.append({"step": global_step, **row})
+                    progress.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}",
+                                         acc=f"{row.get('implicit_accuracy', float('nan')):.2f}")
+            pending, pairs_in_update, t_update = [], 0, time.perf_counter()
+            if global_step % cfg.checkpointing_steps == 0:
+                save_checkpoint(global_step)
+            if cfg.validation_steps and global_step % cfg.validation_steps == 0:
+                evaluate(global_step)
+            if global_step >= cfg.max_train_steps:
+                break
+        epoch += 1
+    progress.close()
+
+    # ---- the end: final evaluation, weights, plots ---------------------------------------------------
+    accelerator.wait_for_everyone()
+    if not (cfg.validation_steps and global_step % cfg.validation_steps == 0):
+        evaluate(global_step)
+    if accelerator.is_main_process:
+        _save_final(accelerator.unwrap_model(denoiser), model, cfg)
+        logger.close()
+        if "png" in cfg.report_to.split(","):
+            plot_curves(log_dir, os.path.join(cfg.output_dir, "curves.png"))
+    accelerator.end_training()
+    result.global_step = global_step
+    return result
+
+
+def _save_final(denoiser, model: DiffusionModel, cfg: TrainConfig) -> None:
+    """LoRA: ``pytorch_lora_weights.safetensors`` in the diffusers format (``pipe.load_lora_weights``);
+    full fine-tune: the denoiser folder (``unet/`` or ``transformer/``)."""
+    if cfg.is_lora:
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
+        if model.family == "unet":
+            from diffusers import StableDiffusionPipeline
+
+            StableDiffusionPipeline.save_lora_weights(cfg.output_dir, unet_lora_layers=layers)
+        else:
+            from diffusers import StableDiffusion3Pipeline
+
+            StableDiffusion3Pipeline.save_lora_weights(cfg.output_dir, transformer_lora_layers=layers)
+    else:
+        denoiser.save_pretrained(os.path.join(cfg.output_dir, "unet" if model.family == "unet" else "transformer"))

@@ -1,0 +1,90 @@
+"""The ``--loss`` registry: each name maps to a public ``fastpref.*_loss`` and how the loop calls it.
+
+A loss is registered only when this fastpref provides it (``hasattr(fastpref, ...)``), so the CLI's
+choices are exactly the losses that can run. Reference-free losses (MaPO, ORPO) set
+``needs_reference=False``: the loop then builds no reference model at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+import fastpref
+
+__all__ = ["Objective", "OBJECTIVES", "get_objective"]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """How the loop calls one loss: ``call(model_pred, ref, target, cfg) -> (loss, stats)``.
+
+    ``ref`` is the reference mode's keyword dict (``{"ref_pred": …}``, ``{"ref_err": …}`` or ``{}``).
+    ``target`` may be ``(B, *S)`` (shared by each pair) or ``(2B, *S)``.
+    """
+
+    name: str
+    call: Callable
+    needs_reference: bool = True
+    doc: str = ""
+
+
+def _beta(cfg) -> dict:
+    return {} if cfg.beta is None else {"beta": cfg.beta}
+
+
+def _dpo(kind: str):
+    def call(model_pred, ref, target, cfg):
+        return fastpref.dpo_loss(model_pred, target=target, kind=kind, return_stats=True, **ref, **_beta(cfg))
+
+    return call
+
+
+def _dmpo(model_pred, ref, target, cfg):
+    return fastpref.dmpo_loss(model_pred, target=target, alpha=cfg.alpha, return_stats=True, **ref, **_beta(cfg))
+
+
+def _full_target(model_pred, target):
+    # The losses of issue 4 take target (2B, *S); a pair-shared (B, *S) target is repeated for them.
+    return target if target.shape[0] == model_pred.shape[0] else torch.cat([target, target])
+
+
+def _mapo(model_pred, ref, target, cfg):
+    return fastpref.mapo_loss(model_pred, _full_target(model_pred, target), return_stats=True, **_beta(cfg))
+
+
+def _orpo(model_pred, ref, target, cfg):
+    return fastpref.orpo_loss(model_pred, _full_target(model_pred, target), return_stats=True, **_beta(cfg))
+
+
+def _kto(model_pred, ref, target, cfg):
+    # Paired data read as unpaired: winners desirable (1), losers undesirable (0).
+    b = model_pred.shape[0] // 2
+    labels = torch.cat([torch.ones(b), torch.zeros(b)]).to(model_pred.device)
+    return fastpref.kto_loss(
+        model_pred, ref["ref_pred"], _full_target(model_pred, target), labels, return_stats=True, **_beta(cfg)
+    )
+
+
+def _build() -> dict[str, Objective]:
+    table = [
+        ("dpo", "dpo_loss", _dpo("sigmoid"), True, "Diffusion-DPO, −log σ(u)"),
+        ("dpo_hinge", "dpo_loss", _dpo("hinge"), True, "hinge relu(1 − u)"),
+        ("ipo", "dpo_loss", _dpo("ipo"), True, "IPO on error differences (β plays τ)"),
+        ("dmpo", "dmpo_loss", _dmpo, True, "DMPO, KL(Bern σ(u) ‖ Bern(1 − α))"),
+        ("mapo", "mapo_loss", _mapo, False, "MaPO, reference-free"),
+        ("orpo", "orpo_loss", _orpo, False, "ORPO, reference-free"),
+        ("kto", "kto_loss", _kto, True, "Diffusion-KTO on pairs read as unpaired labels"),
+    ]
+    return {name: Objective(name, call, ref, doc) for name, fn, call, ref, doc in table if hasattr(fastpref, fn)}
+
+
+OBJECTIVES: dict[str, Objective] = _build()
+
+
+def get_objective(name: str) -> Objective:
+    if name not in OBJECTIVES:
+        raise ValueError(f"--loss must be one of {', '.join(sorted(OBJECTIVES))}, got {name!r}")
+    return OBJECTIVES[name]

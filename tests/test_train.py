@@ -1,0 +1,413 @@
+"""The trainer (fastpref.train) on tiny models built from configs, on the CPU, nothing downloaded.
+
+Every run here is a real ``train()`` call: the synthetic data set, the loss registry, LoRA and full
+fine-tuning, ε / v / flow-matching targets, checkpoints and exact resume, and the logs.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastpref
+from fastpref.reference import pair_loss_ref
+from fastpref.train import TrainConfig, compute_loss, parse_args, train
+from fastpref.train.data import SyntheticPreferences
+from fastpref.train.models import TINY_MODELS, build_tiny_model, load_model, save_model
+from fastpref.train.objectives import OBJECTIVES
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: thread start-up costs more than it saves, and the CI machine has 2 cores.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(name: str = "fastpref:tiny-unet"):
+    return build_tiny_model(name, sample_size=8)
+
+
+def config(tmp_path, **kw) -> TrainConfig:
+    base = dict(output_dir=str(tmp_path / "run"), max_train_steps=2, train_batch_size=2, synthetic_size=24,
+                eval_pairs=4, num_inference_steps=2, checkpointing_steps=1000, report_to="csv", learning_rate=1e-3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def read_rows(path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def trainable_snapshot(module) -> dict:
+    return {k: v.detach().clone() for k, v in module.named_parameters() if v.requires_grad}
+
+
+# ----------------------------------------------------------------------------------------------
+# Each loss × target type × LoRA / full runs, changes the trained weights and nothing else
+# ----------------------------------------------------------------------------------------------
+
+MATRIX = [("fastpref:tiny-unet", name, 4) for name in sorted(OBJECTIVES)]  # every registered loss, ε, LoRA
+MATRIX += [(m, loss, rank) for m in TINY_MODELS for loss, rank in (("dmpo", 4), ("dpo", 0))
+           if (m, loss, rank) not in MATRIX]
+
+
+@pytest.mark.parametrize("model_name,loss,rank", MATRIX)
+def test_a_few_steps_train_the_policy_only(tmp_path, model_name, loss, rank):
+    model = tiny(model_name)
+    base_before = {k: v.clone() for k, v in model.denoiser.state_dict().items()}
+    cfg = config(tmp_path, loss=loss, lora_rank=rank)
+    seen = {}
+
+    def on_step(step, out):
+        seen.setdefault("trainable", trainable_snapshot(model.denoiser))
+
+    result = train(cfg, model=model, on_step=on_step)
+    assert result.global_step == 2
+    rows = read_rows(os.path.join(cfg.output_dir, "logs", "train.csv"))
+    assert [int(r["step"]) for r in rows] == [1, 2]
+    for r in rows:
+        assert torch.isfinite(torch.tensor(float(r["loss"])))
+        assert float(r["grad_norm"]) > 0 and float(r["pairs_per_s"]) > 0 and float(r["peak_mem_mb"]) > 0
+    after = trainable_snapshot(model.denoiser)
+    assert any(not torch.equal(seen["trainable"][k], after[k]) for k in after), "no trained weight moved"
+    if rank:  # LoRA: the base weights (= the reference) are untouched; only adapters are trainable
+        assert all("lora" in k for k in after)
+        base_after = {k.replace(".base_layer", ""): v for k, v in model.denoiser.state_dict().items() if "lora" not in k}
+        assert all(torch.equal(base_before[k], base_after[k]) for k in base_before)
+        assert os.path.isfile(os.path.join(cfg.output_dir, "pytorch_lora_weights.safetensors"))
+    else:
+        folder = "unet" if model.family == "unet" else "transformer"
+        assert os.path.isfile(os.path.join(cfg.output_dir, folder, "config.json"))
+
+
+def test_full_finetune_reference_copy_stays_frozen(tmp_path):
+    model = tiny()
+    start = {k: v.clone() for k, v in model.denoiser.state_dict().items()}
+    refs = []
+
+    def on_step(step, out):  # at step 1 the policy equals its frozen copy: u = 0 exactly
+        refs.append(out)
+
+    train(config(tmp_path, loss="dpo", lora_rank=0, max_train_steps=3), model=model, on_step=on_step)
+    assert torch.equal(refs[0].model_pred, refs[0].ref["ref_pred"])
+    assert torch.equal(refs[0].stats.margin, torch.zeros_like(refs[0].stats.margin))
+    # later steps: the policy has moved, the reference still predicts with the starting weights
+    assert not torch.equal(refs[-1].model_pred, refs[-1].ref["ref_pred"])
+    assert any(not torch.equal(start[k], v) for k, v in model.denoiser.state_dict().items())
+
+
+# ----------------------------------------------------------------------------------------------
+# The logged loss is the reference loss (and the diffusers formula) on the same batch
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_name,loss", [("fastpref:tiny-unet", "dpo"), ("fastpref:tiny-unet-v", "dmpo"),
+                                             ("fastpref:tiny-sd3", "dmpo")])
+def test_logged_loss_equals_reference_loss(tmp_path, model_name, loss):
+    captured = {}
+
+    def on_step(step, out):
+        captured[step] = out
+
+    cfg = config(tmp_path, loss=loss, lora_rank=4, max_train_steps=3, beta=500.0)
+    train(cfg, model=tiny(model_name), on_step=on_step)
+    rows = read_rows(os.path.join(cfg.output_dir, "logs", "train.csv"))
+    for r in rows:
+        out = captured[int(r["step"])]
+        b = out.model_pred.shape[0] // 2
+        assert torch.equal(out.timesteps[:b], out.timesteps[b:]), "a pair must share its timestep"
+        ref_loss, u, model_err, ref_err = pair_loss_ref(
+            "sigmoid" if loss == "dpo" else loss, out.model_pred, out.ref["ref_pred"], out.target, beta=500.0, alpha=0.01
+        )
+        # u = −½β·(difference of four fp32 errors): fp32 rounding of each error, scaled by ½β, bounds
+        # the kernel-vs-reference gap in u; the loss's gap is that times |dℓ/du|.
+        u_atol = 0.5 * 500.0 * 4 * torch.finfo(torch.float32).eps * float(model_err.abs().max())
+        sig = torch.sigmoid(u.double())
+        dl_du = sig - 1 if loss == "dpo" else sig * (1 - sig) * (u.double() - torch.log(torch.tensor(0.99 / 0.01)))
+        loss_atol = u_atol * float(dl_du.abs().max()) + 1e-6
+        torch.testing.assert_close(float(r["loss"]), ref_loss.item(), rtol=1e-6, atol=loss_atol)
+        torch.testing.assert_close(float(r["u"]), u.mean().item(), rtol=0, atol=u_atol)
+        if loss == "dpo":  # the diffusers example's lines, verbatim in spirit
+            target = out.target if out.target.shape[0] == 2 * b else torch.cat([out.target, out.target])
+            mse = (out.model_pred.float() - target).pow(2).mean(dim=[1, 2, 3])
+            ref_mse = (out.ref["ref_pred"].float() - target).pow(2).mean(dim=[1, 2, 3])
+            inside = -0.5 * 500.0 * ((mse[:b] - mse[b:]) - (ref_mse[:b] - ref_mse[b:]))
+            torch.testing.assert_close(float(r["loss"]), (-F.logsigmoid(inside)).mean().item(), rtol=1e-6, atol=loss_atol)
+
+
+@pytest.mark.parametrize("model_name", TINY_MODELS)
+def test_noise_pairs_share_noise_and_timestep(model_name):
+    model = tiny(model_name)
+    x0 = torch.randn(6, 3, 8, 8)
+    noised = model.noise_pairs(x0, torch.Generator().manual_seed(0))
+    assert torch.equal(noised.timesteps[:3], noised.timesteps[3:])
+    if model.prediction_type == "flow_matching":  # target = ε − x0, x_t = (1 − σ)·x0 + σ·ε
+        noise = noised.target + x0
+        assert torch.allclose(noise[:3], noise[3:], atol=1e-6)
+        sigma = model.scheduler.sigmas[(model.scheduler.timesteps[None] == noised.timesteps[:, None]).float().argmax(1)]
+        torch.testing.assert_close(noised.noisy, (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise)
+    elif model.prediction_type == "epsilon":  # shared ε passed once per pair, as (B, *S)
+        assert noised.target.shape == (3, 3, 8, 8)
+        ref = model.scheduler.add_noise(x0, torch.cat([noised.target] * 2), noised.timesteps)
+        torch.testing.assert_close(noised.noisy, ref)
+    else:
+        assert noised.target.shape == (6, 3, 8, 8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: 2N steps straight == N steps, stop, resume to 2N (losses and weights identical)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rank,accum", [(4, 2), (0, 1)])
+def test_resume_is_exact(tmp_path, rank, accum):
+    common = dict(loss="dmpo", lora_rank=rank, gradient_accumulation_steps=accum, checkpointing_steps=2,
+                  synthetic_size=20, lr_scheduler="constant_with_warmup", lr_warmup_steps=1)
+    straight = config(tmp_path / "a", max_train_steps=4, **common)
+    m_a = tiny()
+    train(straight, model=m_a)
+    interrupted = config(tmp_path / "b", max_train_steps=2, **common)
+    train(interrupted, model=tiny())
+    resumed = config(tmp_path / "b", max_train_steps=4, resume_from_checkpoint="latest", **common)
+    m_b = tiny()
+    result = train(resumed, model=m_b)
+    assert result.global_step == 4
+    rows_a = read_rows(os.path.join(straight.output_dir, "logs", "train.csv"))
+    rows_b = read_rows(os.path.join(resumed.output_dir, "logs", "train.csv"))
+    assert [r["step"] for r in rows_b] == ["1", "2", "3", "4"]
+    for key in ("loss", "u", "model_err_win", "grad_norm", "lr"):
+        assert [r[key] for r in rows_a] == [r[key] for r in rows_b], key
+    sa, sb = m_a.denoiser.state_dict(), m_b.denoiser.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_resume_latest_without_checkpoint_starts_fresh(tmp_path):
+    result = train(config(tmp_path, max_train_steps=1, resume_from_checkpoint="latest"), model=tiny())
+    assert result.global_step == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad flags, configs and data are refused before training, with what to fix
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--loss", "nope"], "--loss must be one of"),
+    (["--alpha", "1.5"], "--alpha must lie strictly between 0 and 1"),
+    (["--learning_rate", "-1"], "--learning_rate must be a finite number > 0"),
+    (["--beta", "nan"], "--beta must be a finite number > 0"),
+    (["--train_batch_size", "0"], "--train_batch_size must be an integer ≥ 1"),
+    (["--mixed_precision", "fp8"], "--mixed_precision must be one of"),
+    (["--reference_mode", "adapter_off", "--lora_rank", "0"], None),  # refused by train(), see below
+    (["--resume_from_checkpoint", "/no/such/checkpoint"], "--resume_from_checkpoint must be 'latest'"),
+    (["--validation_prompts", " "], "--validation_prompts must be a list of non-empty strings"),
+    (["--report_to", "wandb"], "--report_to takes"),
+])
+def test_bad_flags_are_refused(argv, match):
+    if match is None:
+        cfg = parse_args(argv)
+        with pytest.raises(ValueError, match="adapter_off needs LoRA"):
+            train(cfg)
+        return
+    with pytest.raises(ValueError, match=match):
+        parse_args(argv)
+
+
+def test_reference_mode_must_fit_the_loss(tmp_path):
+    with pytest.raises(ValueError, match="needs a reference model"):
+        train(config(tmp_path, loss="dpo", reference_mode="none"), model=tiny())
+
+
+def test_toml_config_and_flag_precedence(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('loss = "dpo"\nbeta = 2500\nlora_rank = 0\nvalidation_prompts = ["a red disc"]\n')
+    cfg = parse_args(["--config", str(toml), "--beta", "1000"])
+    assert (cfg.loss, cfg.beta, cfg.lora_rank, cfg.validation_prompts) == ("dpo", 1000.0, 0, ["a red disc"])
+    assert isinstance(parse_args(["--config", str(toml)]).beta, float)
+    toml.write_text('lerning_rate = 1e-4\n')
+    with pytest.raises(ValueError, match=r"unknown keys \['lerning_rate'\]"):
+        parse_args(["--config", str(toml)])
+    toml.write_text('loss = "dpo\n')
+    with pytest.raises(ValueError, match="not valid TOML"):
+        parse_args(["--config", str(toml)])
+
+
+def test_cli_reports_errors_without_traceback(capsys):
+    from fastpref.train import main
+
+    assert main(["--loss", "nope"]) == 2
+    assert "fastpref-train: error: --loss must be one of" in capsys.readouterr().err
+    assert main(["--pretrained_model_name_or_path", "/no/such/model", "--output_dir", "/tmp/x"]) == 2
+    assert "no diffusers pipeline found" in capsys.readouterr().err
+
+
+def test_too_little_data_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        train(config(tmp_path, synthetic_size=4, train_batch_size=4), model=tiny())
+
+
+# ----------------------------------------------------------------------------------------------
+# Models from a local diffusers folder
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_name", ["fastpref:tiny-unet-v", "fastpref:tiny-sd3"])
+def test_local_diffusers_folder_round_trip(tmp_path, model_name):
+    model = tiny(model_name)
+    save_model(model, str(tmp_path / "pipe"))
+    loaded = load_model(str(tmp_path / "pipe"))
+    assert (loaded.family, loaded.prediction_type) == (model.family, model.prediction_type)
+    x = torch.randn(2, 3, 8, 8)
+    t = torch.tensor([10, 500])
+    with torch.no_grad():
+        c1, c2 = model.encode_prompts(["a red disc"] * 2, "cpu"), loaded.encode_prompts(["a red disc"] * 2, "cpu")
+        torch.testing.assert_close(model.predict(model.denoiser, x, t, c1), loaded.predict(loaded.denoiser, x, t, c2))
+    cfg = config(tmp_path, pretrained_model_name_or_path=str(tmp_path / "pipe"), max_train_steps=1)
+    assert train(cfg).global_step == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation outputs and the synthetic set's reward
+# ----------------------------------------------------------------------------------------------
+
+
+def test_evaluation_writes_grid_curves_and_tensorboard(tmp_path):
+    cfg = config(tmp_path, max_train_steps=2, validation_steps=1, report_to="csv,tensorboard,png",
+                 validation_prompts=["a red disc", "a blue disc"])
+    result = train(cfg, model=tiny())
+    assert [e["step"] for e in result.eval_history] == [0, 1, 2]
+    for e in result.eval_history:
+        assert 0.0 <= e["heldout_accuracy"] <= 1.0 and -1.0 <= e["reward"] <= 1.0
+    assert result.eval_history[0]["heldout_accuracy"] == 0.5  # policy == reference: every u = 0, ties count ½
+    for step in (0, 1, 2):
+        assert os.path.isfile(os.path.join(cfg.output_dir, "samples", f"step-{step:06d}.png"))
+    assert os.path.isfile(os.path.join(cfg.output_dir, "curves.png"))
+    tb = os.path.join(cfg.output_dir, "logs", "tensorboard")
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tb))
+    assert len(read_rows(os.path.join(cfg.output_dir, "logs", "eval.csv"))) == 3
+
+
+def test_synthetic_preference_follows_its_reward():
+    ds = SyntheticPreferences(64, 16)
+    pix = torch.stack([ds[i]["pixel_values"] for i in range(64)])
+    caps = [ds[i]["caption"] for i in range(64)]
+    assert bool((ds.reward(pix[:, 0], caps) > ds.reward(pix[:, 1], caps)).all())
+    assert torch.equal(ds[5]["pixel_values"], ds[5]["pixel_values"])  # generated on the fly, deterministic
+
+
+# ----------------------------------------------------------------------------------------------
+# Real-data formats: Pick-a-Pic v2 parquet and a metadata.jsonl folder; bad rows skipped and counted
+# ----------------------------------------------------------------------------------------------
+
+
+def _jpeg(color) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (24, 20), color).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _pickapic_rows():
+    red, blue = _jpeg((220, 20, 20)), _jpeg((20, 20, 220))
+    return [  # (jpg_0, jpg_1, label_0, caption)
+        (red, blue, 1.0, "a red disc"),
+        (blue, red, 0.0, "a red disc"),  # image 1 preferred: the loader must swap
+        (red, blue, 0.5, "a tie"),  # dropped: tie
+        (red, blue, 1.0, None),  # dropped: no caption
+        (red, blue, 1.0, "   "),  # dropped: empty caption
+        (b"not a jpeg", blue, 1.0, "corrupt"),  # skipped when decoded
+    ] + [(red, blue, 1.0, f"a red disc {i}") for i in range(10)]
+
+
+def test_pickapic_parquet_drops_ties_and_counts_bad_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fastpref.train.data import PickAPicParquet, build_dataset, collate_pairs
+
+    rows = _pickapic_rows()
+    table = pa.table({k: [r[i] for r in rows] for i, k in enumerate(("jpg_0", "jpg_1", "label_0", "caption"))})
+    pq.write_table(table, tmp_path / "train-0.parquet", row_group_size=4)
+    ds = build_dataset(str(tmp_path), resolution=8)
+    assert isinstance(ds, PickAPicParquet)
+    assert dict(ds.skipped) == {"tie": 1, "missing_caption": 2}
+    assert len(ds) == len(rows) - 3
+    first, swapped = ds[0], ds[1]
+    assert first["pixel_values"].shape == (2, 3, 8, 8)
+    for item in (first, swapped):  # the winner (slot 0) is the red image either way
+        assert item["pixel_values"][0, 0].mean() > 0.5 and item["pixel_values"][1, 2].mean() > 0.5
+    assert ds[2] is None  # the corrupt row
+    batch = collate_pairs([ds[0], ds[2], ds[3]])
+    assert batch["corrupt"] == 1 and batch["pixel_values"].shape[0] == 2
+    # it trains, and the corrupt image is counted in the log
+    cfg = config(tmp_path, dataset=str(tmp_path / "train-0.parquet"), max_train_steps=4, max_train_pairs=4,
+                 eval_pairs=0, train_batch_size=2)
+    result = train(cfg, model=tiny())
+    assert result.global_step == 4 and result.data_skipped == {"tie": 1, "missing_caption": 2}
+    assert int(read_rows(os.path.join(cfg.output_dir, "logs", "train.csv"))[-1]["corrupt_images"]) == 2  # 2 epochs
+
+
+def test_folder_layout_and_empty_dataset(tmp_path):
+    import json
+
+    from fastpref.train.data import FolderPairs, build_dataset
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.jpg").write_bytes(_jpeg((220, 20, 20)))
+    (tmp_path / "img" / "b.jpg").write_bytes(_jpeg((20, 20, 220)))
+    lines = [{"image_0": "img/a.jpg", "image_1": "img/b.jpg", "label_0": 0, "caption": "a blue disc"},
+             {"image_0": "img/a.jpg", "image_1": "img/b.jpg", "label_0": 0.5, "caption": "tie"}]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n{broken\n")
+    ds = build_dataset(str(tmp_path), resolution=8)
+    assert isinstance(ds, FolderPairs) and len(ds) == 1
+    assert dict(ds.skipped) == {"tie": 1, "bad_metadata_line": 1}
+    assert ds[0]["pixel_values"][0, 2].mean() > 0.5  # image_1 (blue) won
+    (tmp_path / "metadata.jsonl").write_text(json.dumps(lines[1]) + "\n")
+    with pytest.raises(ValueError, match=r"no usable preference pair \(1 tie\)"):
+        build_dataset(str(tmp_path), resolution=8)
+    with pytest.raises(ValueError, match="expected 'synthetic', a Pick-a-Pic"):
+        build_dataset(str(tmp_path / "nowhere.txt"), resolution=8)
+
+
+def test_supervised_warmup_becomes_the_reference_and_is_reused(tmp_path):
+    cfg = config(tmp_path, sft_steps=3, sft_learning_rate=1e-2, loss="dpo", lora_rank=0, max_train_steps=1)
+    model = tiny()
+    start = {k: v.clone() for k, v in model.denoiser.state_dict().items()}
+    first = []
+    train(cfg, model=model, on_step=lambda step, out: first.append(out))
+    folder = os.path.join(cfg.output_dir, "sft_model")
+    warmed = load_model(folder).denoiser.state_dict()
+    assert any(not torch.equal(start[k], warmed[k]) for k in start), "the warm-up did not train"
+    # step 1 starts from the warmed-up model, and it is the reference: u = 0 exactly
+    assert torch.equal(first[0].model_pred, first[0].ref["ref_pred"])
+    # a second run with the same settings reuses the saved warm-up instead of repeating it
+    os.utime(os.path.join(folder, "fastpref_sft.json"))
+    mtime = os.path.getmtime(os.path.join(folder, "model_index.json"))
+    train(config(tmp_path, sft_steps=3, sft_learning_rate=1e-2, loss="dpo", lora_rank=0, max_train_steps=1,
+                 resume_from_checkpoint="latest"), model=tiny())
+    assert os.path.getmtime(os.path.join(folder, "model_index.json")) == mtime
+
+
+def test_bf16_mixed_precision_lora_step(tmp_path):
+    captured = []
+    cfg = config(tmp_path, mixed_precision="bf16", lora_rank=4, loss="dmpo", max_train_steps=2)
+    model = tiny()
+    train(cfg, model=model, on_step=lambda step, out: captured.append(out))
+    pred = captured[0].model_pred  # accelerate hands the output back in fp32; its values are bf16's
+    assert torch.equal(pred, pred.bfloat16().float()) and not torch.equal(pred, torch.zeros_like(pred))
+    assert all(p.dtype == torch.float32 for n, p in model.denoiser.named_parameters() if p.requires_grad)
+    assert all(p.dtype == torch.bfloat16 for n, p in model.denoiser.named_parameters() if "lora" not in n)
+    rows = read_rows(os.path.join(cfg.output_dir, "logs", "train.csv"))
+    assert all(torch.isfinite(torch.tensor(float(r["loss"]))) for r in rows)
