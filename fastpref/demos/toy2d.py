@@ -13,7 +13,7 @@ the share of the dominant mode among the two (0.6 for the preferred mixture itse
 and spread, the NLL of the samples under the preferred mixture, and KDE estimates of the reverse and
 forward KL to it (mode-seeking = low reverse KL, high forward KL).
 
-    python -m fastpref.demos.toy2d                   # the study, ~1–2 min on 2 CPU cores
+    python -m fastpref.demos.toy2d                   # the study (make demo): ~170 s of CPU, 2 processes
     python -m fastpref.demos.toy2d --sweep           # a small β/α sweep for DMPO and DPO
 
 Every choice the paper leaves open (network, schedule, steps, β, α, learning rate) is a field of
@@ -29,8 +29,9 @@ import dataclasses
 import inspect
 import json
 import math
-import os
+import multiprocessing as mp
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,15 +81,20 @@ class Config:
     pairs_per_batch: int = 256
     finetune_lr: float = 1e-4
     warmup_steps: int = 100
-    beta_dpo: float = 50.0
-    beta_dmpo: float = 50.0
+    beta_dpo: float = 500.0
+    beta_dmpo: float = 500.0
     alpha: float = 0.01
     methods: tuple[str, ...] = ("sft", "dpo", "dmpo", "mapo")
     n_samples: int = 2000
-    backend: str = "auto"
+    # The public losses' reference backend: with D = 2 elements per sample a fused kernel has nothing
+    # to save, and "auto" on a CPU JIT-builds the C++ extension on first use (minutes on a busy 2-core
+    # box). --backend auto / cpu / triton run the same study through the other implementations.
+    backend: str = "torch"
     out_dir: str = "outputs/toy2d"
     plot: bool = True
     progress: bool = True
+    workers: int = 2  # seeds run in parallel processes
+    threads: int = 1  # torch threads per process: the 64-wide MLP gains nothing from more
     log_every: int = 50
 
 
@@ -327,13 +333,13 @@ METRIC_COLUMNS = (
 )
 
 
-def summarise(rows: list[dict]) -> list[dict]:
+def summarise(rows: list[dict], columns=METRIC_COLUMNS) -> list[dict]:
     """Mean and sample std over seeds per model, in first-seen order."""
     out = []
     for name in dict.fromkeys(r["model"] for r in rows):
         group = [r for r in rows if r["model"] == name]
         s = {"model": name, "seeds": len(group)}
-        for key, _ in METRIC_COLUMNS:
+        for key, _ in columns:
             v = torch.tensor([r[key] for r in group], dtype=torch.float64)
             s[key] = v.mean().item()
             s[key + "_std"] = v.std().item() if len(group) > 1 else 0.0
@@ -341,12 +347,12 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
-def markdown_table(summary: list[dict]) -> str:
-    head = "| model | " + " | ".join(label for _, label in METRIC_COLUMNS) + " |"
-    sep = "| --- |" + " ---: |" * len(METRIC_COLUMNS)
+def markdown_table(summary: list[dict], columns=METRIC_COLUMNS) -> str:
+    head = "| model | " + " | ".join(label for _, label in columns) + " |"
+    sep = "| --- |" + " ---: |" * len(columns)
     lines = [head, sep]
     for s in summary:
-        cells = [f"{s[k]:.2f} ± {s[k + '_std']:.2f}" for k, _ in METRIC_COLUMNS]
+        cells = [f"{s[k]:.2f} ± {s[k + '_std']:.2f}" for k, _ in columns]
         lines.append(f"| {s['model']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -389,7 +395,7 @@ def plot_samples(samples: dict[str, torch.Tensor], path: Path, title: str) -> No
         ax.set_ylim(*lim)
         ax.set_aspect("equal")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.93))  # room for the suptitle
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -409,35 +415,50 @@ def _methods(cfg: Config) -> list[str]:
     return [m for m in cfg.methods if m in available]  # e.g. MaPO only once fastpref has it
 
 
+def _run_seed(cfg: Config, seed: int, methods: list[str]) -> tuple[list[dict], list[dict], dict[str, torch.Tensor]]:
+    """One seed of the study: pretrain, fine-tune with each loss, sample, measure."""
+    torch.set_num_threads(cfg.threads)
+    log_rows: list[dict] = []
+    g = torch.Generator().manual_seed(30_000 + seed)
+    reference_draw = sample_preferred(cfg.n_samples, g)
+    models = {"pretrained": pretrain(cfg, seed)}
+    for m in methods:
+        models[LABELS[m]] = finetune(cfg, seed, m, models["pretrained"], log_rows)
+    samples = {
+        "data: pretraining": sample_pretrain(cfg.n_samples, g),
+        "data: preferred": sample_preferred(cfg.n_samples, g),
+    }
+    for name, model in models.items():
+        samples[name] = sample(cfg, model, cfg.n_samples, seed, f"seed {seed} · sample {name}")
+    rows = [{"model": name, "seed": seed, **sample_metrics(x, reference_draw)} for name, x in samples.items()]
+    return rows, log_rows, samples
+
+
+def _map_seeds(cfg: Config, fn, *args) -> list:
+    """``[fn(cfg, seed, *args) for seed in cfg.seeds]``, the seeds spread over ``cfg.workers`` forked
+    processes (one torch thread each: two cores run two seeds at once). Every seed draws from its own
+    generators, so the results do not depend on the number of workers."""
+    workers = min(cfg.workers, len(cfg.seeds))
+    if workers <= 1 or "fork" not in mp.get_all_start_methods():
+        return [fn(cfg, seed, *args) for seed in cfg.seeds]
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+        return list(pool.map(fn, [cfg] * len(cfg.seeds), cfg.seeds, *([a] * len(cfg.seeds) for a in args)))
+
+
 def run(cfg: Config) -> dict:
     """Run the study for every seed; write the CSVs, the Markdown table, the PNG and the config.
 
-    Returns ``{"out_dir", "rows", "summary", "markdown", "log"}``."""
+    Returns ``{"out_dir", "rows", "summary", "markdown", "log", "seconds"}``."""
     if not cfg.seeds:
         raise ValueError("seeds must name at least one seed")
     methods = _methods(cfg)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
-    log_rows: list[dict] = []
-    first_samples: dict[str, torch.Tensor] = {}
     t0 = time.perf_counter()
-    for seed in cfg.seeds:
-        g = torch.Generator().manual_seed(30_000 + seed)
-        reference_draw = sample_preferred(cfg.n_samples, g)
-        models = {"pretrained": pretrain(cfg, seed)}
-        for m in methods:
-            models[LABELS[m]] = finetune(cfg, seed, m, models["pretrained"], log_rows)
-        seed_samples = {
-            "data: pretraining": sample_pretrain(cfg.n_samples, g),
-            "data: preferred": sample_preferred(cfg.n_samples, g),
-        }
-        for name, model in models.items():
-            seed_samples[name] = sample(cfg, model, cfg.n_samples, seed, f"seed {seed} · sample {name}")
-        for name, x in seed_samples.items():
-            rows.append({"model": name, "seed": seed, **sample_metrics(x, reference_draw)})
-        if not first_samples:
-            first_samples = {k: v for k, v in seed_samples.items() if not k.startswith("data: pretraining")}
+    per_seed = _map_seeds(cfg, _run_seed, methods)
+    rows = [r for seed_rows, _, _ in per_seed for r in seed_rows]
+    log_rows = [r for _, seed_log, _ in per_seed for r in seed_log]
+    first_samples = {k: v for k, v in per_seed[0][2].items() if k != "data: pretraining"}
     summary = summarise(rows)
     md = markdown_table(summary)
     _write_csv(out / "metrics_per_seed.csv", rows)
@@ -473,8 +494,26 @@ def run(cfg: Config) -> dict:
 # The β/α sweep: which settings make DMPO mode-seeking here, and which do not.
 # ----------------------------------------------------------------------------------------------
 
-SWEEP_DMPO = ((5.0, 0.01), (50.0, 0.01), (500.0, 0.01), (50.0, 0.1), (50.0, 0.3), (500.0, 0.1))
-SWEEP_DPO = (5.0, 50.0, 500.0)
+SWEEP_DPO = (50.0, 200.0, 500.0)
+SWEEP_DMPO = ((200.0, 0.01), (500.0, 0.01), (2000.0, 0.01), (500.0, 0.001), (50.0, 0.1), (200.0, 0.1))
+SWEEP_COLUMNS = (*METRIC_COLUMNS, ("final_margin", "final u"))
+
+
+def _sweep_seed(cfg: Config, seed: int) -> list[dict]:
+    torch.set_num_threads(cfg.threads)
+    g = torch.Generator().manual_seed(30_000 + seed)
+    reference_draw = sample_preferred(cfg.n_samples, g)
+    pretrained = pretrain(cfg, seed)
+    rows = []
+    settings = [("dpo", b, float("nan")) for b in SWEEP_DPO] + [("dmpo", b, a) for b, a in SWEEP_DMPO]
+    for method, beta, alpha in settings:
+        c = dataclasses.replace(cfg, beta_dpo=beta, beta_dmpo=beta, alpha=0.01 if math.isnan(alpha) else alpha)
+        log_rows: list[dict] = []
+        model = finetune(c, seed, method, pretrained, log_rows)
+        x = sample(c, model, cfg.n_samples, seed, f"seed {seed} · sample {method} β={beta:g}")
+        name = f"{LABELS[method]} β={beta:g}" + ("" if math.isnan(alpha) else f" α={alpha:g}")
+        rows.append({"model": name, "seed": seed, "final_margin": log_rows[-1]["margin"], **sample_metrics(x, reference_draw)})
+    return rows
 
 
 def run_sweep(cfg: Config) -> dict:
@@ -482,23 +521,10 @@ def run_sweep(cfg: Config) -> dict:
     models; writes sweep.csv / sweep.md under ``cfg.out_dir``."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
-    log_rows: list[dict] = []
     t0 = time.perf_counter()
-    for seed in cfg.seeds:
-        g = torch.Generator().manual_seed(30_000 + seed)
-        reference_draw = sample_preferred(cfg.n_samples, g)
-        pretrained = pretrain(cfg, seed)
-        settings = [("dpo", b, float("nan")) for b in SWEEP_DPO] + [("dmpo", b, a) for b, a in SWEEP_DMPO]
-        for method, beta, alpha in settings:
-            c = dataclasses.replace(cfg, beta_dpo=beta, beta_dmpo=beta, alpha=0.01 if math.isnan(alpha) else alpha)
-            model = finetune(c, seed, method, pretrained, log_rows)
-            x = sample(c, model, cfg.n_samples, seed, f"seed {seed} · sample {method} β={beta:g}")
-            name = f"{LABELS[method]} β={beta:g}" + ("" if math.isnan(alpha) else f" α={alpha:g}")
-            final_margin = [r.get("margin", float("nan")) for r in log_rows if r["seed"] == seed][-1]
-            rows.append({"model": name, "seed": seed, "final_margin": final_margin, **sample_metrics(x, reference_draw)})
-    summary = summarise(rows)
-    md = markdown_table(summary)
+    rows = [r for seed_rows in _map_seeds(cfg, _sweep_seed) for r in seed_rows]
+    summary = summarise(rows, SWEEP_COLUMNS)
+    md = markdown_table(summary, SWEEP_COLUMNS)
     _write_csv(out / "sweep_per_seed.csv", rows)
     _write_csv(out / "sweep.csv", summary)
     (out / "sweep.md").write_text(
@@ -525,15 +551,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=list(d.methods), choices=list(LABELS))
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: min(2, CPU count))")
     p.add_argument("--sweep", action="store_true", help="run the β/α sweep instead of the study")
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
-    # The MLP is tiny: more than two threads only adds synchronisation.
-    torch.set_num_threads(args.threads or min(2, os.cpu_count() or 1))
+    # The MLP is tiny (64 wide): extra threads only add synchronisation, and on a busy machine
+    # oversubscribed threads made it ~10× slower here; the seeds use the cores instead.
+    torch.set_num_threads(args.threads)
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if f.name not in ("plot", "progress")}
     kw.update(seeds=tuple(args.seeds), methods=tuple(args.methods), plot=not args.no_plot, progress=not args.no_progress)
     cfg = Config(**kw)
