@@ -95,3 +95,21 @@ def test_cache_mode_trains_and_refuses_another_run(tmp_path):
         train(config(tmp_path, max_train_steps=50), model=tiny())
     with pytest.raises(ValueError, match="--ref_cache"):
         train(config(tmp_path, ref_cache=str(tmp_path / "missing.safetensors")), model=tiny())
+
+
+def test_precompute_command_writes_the_cache_a_run_accepts(tmp_path):
+    from fastpref.train.ref import epochs_needed, main, training_ref_fingerprint
+    from fastpref.train.ref_cache import RefErrorCache
+
+    toml = tmp_path / "run.toml"
+    toml.write_text('pretrained_model_name_or_path = "fastpref:tiny-sd3"\nloss = "dmpo"\nlora_rank = 2\n'
+                    'synthetic_size = 8\neval_pairs = 2\ntrain_batch_size = 2\nmax_train_steps = 7\nseed = 5\n')
+    out = tmp_path / "ref.safetensors"
+    assert main(["--config", str(toml), "--output", str(out), "--device", "cpu"]) == 0
+    cfg = TrainConfig(pretrained_model_name_or_path="fastpref:tiny-sd3", loss="dmpo", lora_rank=2, synthetic_size=8,
+                      eval_pairs=2, train_batch_size=2, max_train_steps=7, seed=5)
+    model = build_tiny_model("fastpref:tiny-sd3")
+    cache = RefErrorCache.load(out, training_ref_fingerprint(cfg, model))
+    # 8 rows, 2 held out → 6 training pairs → 3 batches per epoch → 7 steps need 3 epochs
+    assert (cache.num_pairs, cache.num_epochs) == (8, 3) == (8, epochs_needed(cfg, 6))
+    assert torch.isfinite(cache.ref_err).all() and (cache.ref_err > 0).all()

@@ -65,13 +65,16 @@ def noise_pairs_per_pair(model, latents: torch.Tensor, pair_indices, epoch: int,
 class ReferenceMode:
     """One :mod:`~fastpref.train.reference_modes` mode, called the loop's way."""
 
-    def __init__(self, model, accelerator, mode: rm.ReferenceMode, *, seed: int = 0, per_pair_noise: bool = False):
+    def __init__(self, model, accelerator, make_mode: Callable[..., rm.ReferenceMode], *, seed: int = 0,
+                 per_pair_noise: bool = False):
+        """``make_mode(forward)`` builds the :mod:`~fastpref.train.reference_modes` mode around
+        :meth:`forward` (one denoiser call on the loop's batch)."""
         self.model = model  # fastpref.train.models.DiffusionModel
         self.accelerator = accelerator
-        self.mode = mode
-        self.name = mode.name
+        self.mode = make_mode(self.forward)
+        self.name = self.mode.name
         self.seed = seed
-        self.per_pair_noise = per_pair_noise or mode.name == "cache"
+        self.per_pair_noise = per_pair_noise or self.name == "cache"
 
     def forward(self, module: nn.Module, inputs: dict) -> torch.Tensor:
         """The ``forward`` the wrapped mode calls: one denoiser call on the loop's batch."""
@@ -105,13 +108,11 @@ class ReferenceMode:
             self.mode.cache.check_covers(num_pairs, num_epochs)
 
 
-def _wrap(cls_factory):
+def _wrap(make):
+    """A loop factory from ``make(cfg, model, frozen_copy_or_None, forward) -> reference_modes mode``."""
+
     def factory(cfg, model, acc, ref_module):
-        ref = ReferenceMode(model, acc, rm.NoReference(), seed=cfg.seed)  # forward bound below
-        ref.mode = cls_factory(cfg, model, ref_module, ref.forward)
-        ref.name = ref.mode.name
-        ref.per_pair_noise = ref.per_pair_noise or ref.name == "cache"
-        return ref
+        return ReferenceMode(model, acc, lambda fwd: make(cfg, model, ref_module, fwd), seed=cfg.seed)
 
     return factory
 
