@@ -240,6 +240,12 @@ def test_toml_config_and_flag_precedence(tmp_path):
         parse_args(["--config", str(toml)])
 
 
+def test_the_example_config_is_valid():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = parse_args(["--config", os.path.join(root, "examples", "tiny.toml")])
+    assert (cfg.pretrained_model_name_or_path, cfg.dataset, cfg.loss) == ("fastpref:tiny-unet", "synthetic", "dmpo")
+
+
 def test_cli_reports_errors_without_traceback(capsys):
     from fastpref.train import main
 
