@@ -41,6 +41,7 @@ class TrainConfig:
     beta: float | None = None  # None: the loss function's own default (dpo 5000, dmpo 2000, …)
     alpha: float = 0.01  # DMPO's α
     reference_mode: str = "auto"
+    ref_cache: str | None = None  # --reference_mode cache: file from python -m fastpref.train.ref
     weighting_scheme: str = "logit_normal"  # flow matching timestep density (diffusers' SD3 scripts)
     # -- optional supervised warm-up: plain diffusion loss on both images of each pair, then the
     #    preference loss starts from (and uses as its reference) the warmed-up model
@@ -120,6 +121,10 @@ class TrainConfig:
         )
         modes = ("auto", *REFERENCE_MODES)
         need(self.reference_mode in modes, f"--reference_mode must be one of {', '.join(modes)}, got {self.reference_mode!r}")
+        if self.reference_mode == "cache":
+            need(isinstance(self.ref_cache, str) and os.path.isfile(self.ref_cache),
+                 f"--reference_mode cache needs --ref_cache PATH of an existing file (write it with python -m "
+                 f"fastpref.train.ref --config RUN.toml --output PATH), got {self.ref_cache!r}")
         need(self.mixed_precision in MIXED_PRECISION, f"--mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
         need(self.lr_scheduler in LR_SCHEDULERS, f"--lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
         need(self.weighting_scheme in WEIGHTING_SCHEMES, f"--weighting_scheme must be one of {', '.join(WEIGHTING_SCHEMES)}, got {self.weighting_scheme!r}")

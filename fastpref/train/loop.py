@@ -69,10 +69,10 @@ def compute_loss(model: DiffusionModel, policy, reference: ReferenceMode, object
     device = accelerator.device
     pixels = batch["pixel_values"].to(device)  # (B, 2, C, H, W), winner first
     pixels = torch.cat([pixels[:, 0], pixels[:, 1]])  # (2B, C, H, W): winners, then losers
-    latents = model.encode_images(pixels, generator)
+    latents = reference.encode_images(pixels, batch, generator)
     cond = model.encode_prompts(batch["caption"], device)
     cond = {k: torch.cat([v, v]) for k, v in cond.items()}  # a pair shares its prompt
-    noised = model.noise_pairs(latents, generator)
+    noised = reference.noise_pairs(latents, batch, generator)
     with accelerator.autocast():
         model_pred, ref = reference.predict(policy, noised, cond, batch)
     loss, stats = objective.call(model_pred, ref, noised.target, cfg)
@@ -310,6 +310,7 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
                            "lora_rank": cfg.lora_rank, "corrupt_images": corrupt_total}, fh)
 
     updates_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
+    reference.check_covers(len(dataset), math.ceil(cfg.max_train_steps / updates_per_epoch))  # cache: refuse now
     global_step, corrupt_total = 0, 0
     if cfg.resume_from_checkpoint:
         found = _checkpoints(cfg.output_dir)
@@ -396,6 +397,7 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
             batches = accelerator.skip_first_batches(loader, resume_batches)
         for batch_idx, batch in enumerate(batches, start=resume_batches if epoch == first_epoch else 0):
             corrupt_total += int(batch["corrupt"])
+            batch["epoch"] = epoch  # the reference-error cache is per (pair, epoch)
             with accelerator.accumulate(denoiser):
                 if batch["pixel_values"] is None:  # every image of the micro-batch was unreadable
                     loss = sum(p.sum() * 0.0 for p in params)  # keeps DDP's collectives in step
