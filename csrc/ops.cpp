@@ -39,6 +39,14 @@ void check_fwd_inputs(const at::Tensor& model_pred, const c10::optional<at::Tens
   TORCH_CHECK(reduction >= kNone && reduction <= kSum, "fastpref::pair_loss_fwd: unknown reduction id ", reduction);
 }
 
+void check_bwd_inputs(const at::Tensor& grad_out, const at::Tensor& model_pred, const at::Tensor& dl_de,
+                      int64_t reduction) {
+  const int64_t n = model_pred.size(0);
+  TORCH_CHECK(dl_de.dim() == 1 && dl_de.size(0) == n, "fastpref::pair_loss_bwd: dl_de must have shape (2B,)");
+  TORCH_CHECK(grad_out.numel() == (reduction == kNone ? n / 2 : 1),
+              "fastpref::pair_loss_bwd: grad_out must have one element (or B for reduction 'none')");
+}
+
 at::Tensor as_rows(const at::Tensor& x, int64_t n) {
   at::Tensor x2 = x.reshape({n, -1});
   return (x2.size(1) == 1 || x2.stride(1) == 1) ? x2 : x2.contiguous();

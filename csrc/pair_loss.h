@@ -138,6 +138,8 @@ FASTPREF_HD PairLoss<T> pair_loss_and_grad(T mw, T ml, T rw, T rl, T beta, T c0,
 void check_fwd_inputs(const at::Tensor& model_pred, const c10::optional<at::Tensor>& ref_pred,
                       const at::Tensor& target, const c10::optional<at::Tensor>& ref_err, int64_t loss,
                       int64_t reduction);
+void check_bwd_inputs(const at::Tensor& grad_out, const at::Tensor& model_pred, const at::Tensor& dl_de,
+                      int64_t reduction);
 
 // (n, D) rows of x with unit column stride: a view when the sample dims are contiguous (any row
 // stride, e.g. a slice of a larger batch), one explicit copy otherwise.

@@ -285,9 +285,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pair_loss_fwd_cuda(
 at::Tensor pair_loss_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& model_pred, const at::Tensor& target,
                               const at::Tensor& dl_de, int64_t reduction) {
   const int64_t n = model_pred.size(0), B = n / 2;
-  TORCH_CHECK(dl_de.dim() == 1 && dl_de.size(0) == n, "fastpref::pair_loss_bwd: dl_de must have shape (2B,)");
-  TORCH_CHECK(grad_out.numel() == (reduction == kNone ? B : 1),
-              "fastpref::pair_loss_bwd: grad_out must have one element (or B for reduction 'none')");
+  check_bwd_inputs(grad_out, model_pred, dl_de, reduction);
   const c10::cuda::CUDAGuard guard(model_pred.device());
   const at::Tensor m2 = as_rows(model_pred, n);
   const at::Tensor t2 = as_rows(target, target.size(0));
