@@ -20,13 +20,7 @@ from fastpref.train.models import TINY_MODELS, build_tiny_model, load_model, sav
 from fastpref.train.objectives import OBJECTIVES
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: thread start-up costs more than it saves, and the CI machine has 2 cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(name: str = "fastpref:tiny-unet"):

@@ -15,12 +15,7 @@ from fastpref.train.objectives import get_objective
 from fastpref.train.ref import REFERENCE_MODES, precompute_for_training
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def config(tmp_path, **kw) -> TrainConfig:
