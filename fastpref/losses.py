@@ -1,22 +1,32 @@
-"""Public loss functions: validation, backend choice, one call into an op.
+"""Public loss functions: one validation section, one backend choice, one dispatcher.
 
 Each function takes the stacked model prediction ``(2B, *S)`` — winners first, then losers, the
 layout of the diffusers and Salesforce trainers — the reference prediction (or precomputed
-``ref_err``) and the target, and returns the loss (and, with ``return_stats=True``, a
-:class:`~fastpref.stats.PreferenceStats`). Formulas: :mod:`fastpref.reference`.
+``ref_err``) and the target, and returns the loss (and, with ``return_stats=True``, its detached
+statistics). Formulas and conventions: :mod:`fastpref.reference` and ``docs/losses.md``.
+
+Every loss runs through the same three steps:
+
+1. validate (:func:`check_pair_inputs` and the scalar checks below);
+2. :func:`resolve_backend` picks Triton, the C++/CUDA extension or the PyTorch reference;
+3. :func:`_run` (the per-pair kernel family) or :func:`_run_rpo` (the cross-pair RPO matrix) calls
+   that backend and applies the output-dtype rule: the loss and statistics are float64 when any
+   input tensor is float64, else float32 — on every backend.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from typing import NamedTuple
 
 import torch
 
 from fastpref import reference
+from fastpref.ops.family import CPP_LOSSES, interpreter_enabled, kernel_scalars
 from fastpref.stats import KTOStats, PreferenceStats, implicit_accuracy, preference_stats
 
-__all__ = ["dpo_loss", "dmpo_loss", "BACKENDS"]
+__all__ = ["dpo_loss", "dmpo_loss", "BACKENDS", "result_dtype"]
 __all__ += ["mapo_loss", "orpo_loss", "kto_loss", "dro_loss", "clip_pair_weights", "rpo_loss"]
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
@@ -37,12 +47,28 @@ def _check_float_tensor(name: str, x) -> None:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
 
 
+def _check_real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
 def _check_positive(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return value
+
+
+def _check_nonnegative(name: str, value) -> float:
+    value = _check_real(name, value)
+    if value < 0:
+        raise ValueError(f"{name} must be ≥ 0, got {value}")
     return value
 
 
@@ -61,16 +87,34 @@ def check_alpha(alpha) -> float:
     return alpha
 
 
-def check_pair_inputs(model_pred, ref_pred, target, ref_err, *, need_ref: bool = True) -> int:
-    """Validate the stacked-pair inputs; returns B, the number of pairs."""
+def _check_labels(labels, n: int, device) -> None:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor of shape ({n},), got {type(labels).__name__}")
+    if labels.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},) (one per sample of model_pred), got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels is on {labels.device} but model_pred is on {device}")
+    if labels.is_complex():
+        raise TypeError(f"labels must be bool, integer or float (1 = desirable, 0 = undesirable), got {labels.dtype}")
+    # a value check costs a device sync on a GPU, so only CPU labels are checked; on a GPU any
+    # non-zero label counts as desirable
+    if labels.device.type == "cpu" and labels.numel() and not ((labels == 0) | (labels == 1)).all():
+        raise ValueError("labels must be 0 (undesirable) or 1 (desirable)")
+
+
+def check_pair_inputs(model_pred, ref_pred, target, ref_err, *, need_ref: bool = True, paired: bool = True) -> int:
+    """Validate the loss inputs; returns B, the number of pairs (``paired=False``: N, the number of
+    unpaired samples, whose target must have ``model_pred``'s shape)."""
     _check_float_tensor("model_pred", model_pred)
-    if model_pred.dim() < 1 or model_pred.shape[0] < 2 or model_pred.shape[0] % 2:
+    if paired and (model_pred.dim() < 1 or model_pred.shape[0] < 2 or model_pred.shape[0] % 2):
         raise ValueError(
             "model_pred must have an even leading dimension 2B ≥ 2 (winners stacked first, then "
             f"losers: torch.cat([pred_w, pred_l])), got shape {tuple(model_pred.shape)}"
         )
+    if not paired and (model_pred.dim() < 1 or model_pred.shape[0] < 1):
+        raise ValueError(f"model_pred must have a leading sample dimension N ≥ 1, got shape {tuple(model_pred.shape)}")
     n = model_pred.shape[0]
-    b = n // 2
+    b = n // 2 if paired else n
     if model_pred[0].numel() == 0:
         raise ValueError(f"model_pred has no elements per sample, shape {tuple(model_pred.shape)}")
     sample_shape = model_pred.shape[1:]
@@ -79,11 +123,13 @@ def check_pair_inputs(model_pred, ref_pred, target, ref_err, *, need_ref: bool =
     if target is None:
         raise TypeError("target is required (the noise ε, the velocity, or noise − x0 for flow matching)")
     _check_float_tensor("target", target)
-    if target.shape[1:] != sample_shape or target.shape[0] not in (n, b):
+    if paired and (target.shape[1:] != sample_shape or target.shape[0] not in (n, b)):
         raise ValueError(
             f"target must have shape {(n, *sample_shape)} or, shared by each pair, {(b, *sample_shape)}; "
             f"got {tuple(target.shape)}"
         )
+    if not paired and target.shape != model_pred.shape:
+        raise ValueError(f"target must have model_pred's shape {tuple(model_pred.shape)}, got {tuple(target.shape)}")
     if target.device != device:
         raise ValueError(f"target is on {target.device} but model_pred is on {device}")
     if target.requires_grad:
@@ -116,21 +162,44 @@ def check_pair_inputs(model_pred, ref_pred, target, ref_err, *, need_ref: bool =
     return b
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Which implementation runs: ``"triton"``, ``"cpu"``/``"cuda"`` (the C++/CUDA extension in
-    ``csrc/``) or ``"torch"`` (the reference).
+def _check_embeddings(win_emb, lose_emb, m: int, device) -> None:
+    for name, e in (("win_emb", win_emb), ("lose_emb", lose_emb)):
+        _check_float_tensor(name, e)
+        if e.dim() != 2 or e.shape[0] != m or e.shape[1] < 1:
+            raise ValueError(f"{name} must have shape ({m}, K) (one embedding per pair), got {tuple(e.shape)}")
+        if e.device != device:
+            raise ValueError(f"{name} is on {e.device} but model_pred is on {device}")
+    if win_emb.shape[1] != lose_emb.shape[1]:
+        raise ValueError(f"win_emb and lose_emb must have the same width K, got {win_emb.shape[1]} and {lose_emb.shape[1]}")
 
-    ``"auto"`` → Triton on a CUDA device (or on any device under ``TRITON_INTERPRET=1``, which asks
-    for the interpreter explicitly, as the tests do); else the C++ extension on a CPU (or CUDA)
-    tensor when it builds (first use builds it, cached; a failed build warns once); else the
-    reference. ``"triton"`` on a CPU tensor needs the interpreter; ``"cpu"``/``"cuda"`` need the
-    extension and a tensor on that device."""
+
+# ----------------------------------------------------------------------------------------------
+# Backend choice and the output dtype: the one place for each.
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_backend(backend: str, device: torch.device, loss: str | None = None) -> str:
+    """Which implementation runs ``loss``: ``"triton"``, ``"cpu"``/``"cuda"`` (the C++/CUDA
+    extension in ``csrc/``) or ``"torch"`` (the reference).
+
+    ``"auto"`` → Triton on a CUDA device when the ``triton`` package is installed (or on any device
+    under ``TRITON_INTERPRET=1``, which asks for the interpreter explicitly, as the tests do); else
+    the C++ extension on a CPU (or CUDA) tensor when it builds and implements ``loss`` (first use
+    builds it, cached; a failed build warns once); else the reference. ``"triton"`` on a CPU tensor
+    needs the interpreter; ``"cpu"``/``"cuda"`` need the extension, a tensor on that device and a
+    loss the extension implements (:data:`fastpref.ops.family.CPP_LOSSES`; not kto, not the RPO
+    matrix). ``loss=None`` asks about the pair-loss family in general."""
     from fastpref.ops import extension, triton_available
 
     _check_choice("backend", backend, BACKENDS)
     if backend == "torch":
         return "torch"
+    in_cpp = loss is None or loss in CPP_LOSSES
     if backend in ("cpu", "cuda"):
+        if not in_cpp:
+            name = {"rpo": "rpo_loss", "orrpo": "orpo_loss with weights or embeddings (ORRPO)"}.get(loss, f"{loss}_loss")
+            raise ValueError(f"{name} has no {backend!r} backend (the C++ extension implements "
+                             f"{', '.join(CPP_LOSSES)}); use backend='auto', 'triton' or 'torch'")  # fmt: skip
         if device.type != backend:
             raise ValueError(f"backend={backend!r} runs on {backend} tensors, but model_pred is on {device}")
         if not extension.has_kernel(backend):
@@ -140,8 +209,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 "Use backend='auto' or 'torch'."
             )
         return backend
-    from fastpref.ops.pair_loss import interpreter_enabled
-
     runnable = triton_available() and (device.type == "cuda" or interpreter_enabled())
     if backend == "triton" and not runnable:
         raise ValueError(
@@ -151,126 +218,59 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         )
     if runnable:
         return "triton"
-    if device.type in ("cpu", "cuda") and extension.has_kernel(device.type):
+    if in_cpp and device.type in ("cpu", "cuda") and extension.has_kernel(device.type):
         return device.type
     return "torch"
 
 
+def result_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """The dtype of every loss and statistic fastpref returns, on every backend: float64 when any
+    input tensor is float64, else float32 (fp16/bf16 inputs give an fp32 loss). The Triton kernels
+    accumulate in fp32 even for fp64 input, so there an fp64 result carries fp32 accuracy."""
+    return reference.compute_dtype(*(t for t in tensors if t is not None))
+
+
 # ----------------------------------------------------------------------------------------------
-# The per-pair losses of the fused kernel family.
+# The dispatcher of the per-pair kernel family (dpo, ipo, dmpo, dro, mapo, orpo, kto).
 # ----------------------------------------------------------------------------------------------
 
 
-def _pair_loss(loss, model_pred, ref_pred, target, ref_err, beta, alpha, reduction, return_stats, backend):
-    _check_choice("reduction", reduction, REDUCTIONS)
-    check_pair_inputs(model_pred, ref_pred, target, ref_err)
-    resolved = resolve_backend(backend, model_pred.device)
+class _Out(NamedTuple):
+    loss: torch.Tensor  # reduced, or per pair / per sample for reduction="none"
+    u: torch.Tensor  # margin (B,), or kto's β·(g − z) (N,)
+    model_err: torch.Tensor  # (N,) e_θ
+    ref_err: torch.Tensor  # (N,) e_ref (0 for the reference-free losses)
+
+
+def _run(loss, model_pred, ref_pred, target, ref_err, *, reduction, backend, labels=None, **params) -> _Out:
+    """Run one loss of the fused family on validated inputs, on the backend :func:`resolve_backend`
+    picks. ``params``: the loss's named parameters (:func:`fastpref.ops.family.kernel_scalars` maps
+    them to the kernels' scalars; :func:`fastpref.reference.family_loss` reads them by name)."""
+    resolved = resolve_backend(backend, model_pred.device, loss)
     if resolved == "triton":
         from fastpref.ops.library import triton_pair_loss  # the Triton family as a torch.library op
 
-        if ref_err is not None:
-            ref_err = ref_err.contiguous()
-        out, u, err = triton_pair_loss(
-            loss, model_pred, ref_pred, target, ref_err, beta=beta, alpha=alpha, reduction=reduction
-        )
+        beta, c0, c1 = kernel_scalars(loss, **params)
+        out, u, err = triton_pair_loss(loss, model_pred, ref_pred, target, ref_err, beta=beta, c0=c0, c1=c1,
+                                       reduction=reduction, labels=labels)  # fmt: skip
         model_err, ref_err_out = err[0], err[1]
     elif resolved in ("cpu", "cuda"):
         from fastpref.ops.cpp import cpp_pair_loss
 
-        out, u, err = cpp_pair_loss(
-            loss, model_pred, ref_pred, target, ref_err, beta=beta, alpha=alpha, reduction=reduction
-        )
+        beta, c0, c1 = kernel_scalars(loss, **params)
+        out, u, err = cpp_pair_loss(loss, model_pred, ref_pred, target, ref_err, beta=beta, c0=c0, c1=c1,
+                                    reduction=reduction)  # fmt: skip
         model_err, ref_err_out = err[0], err[1]
     else:
-        out, u, model_err, ref_err_out = reference.pair_loss_ref(
-            loss, model_pred, ref_pred, target, ref_err=ref_err, beta=beta, alpha=alpha, reduction=reduction
-        )
-    if return_stats:
-        return out, preference_stats(u, model_err, ref_err_out, beta)
-    return out
-
-
-def dpo_loss(
-    model_pred: torch.Tensor,
-    ref_pred: torch.Tensor | None = None,
-    target: torch.Tensor | None = None,
-    *,
-    ref_err: torch.Tensor | None = None,
-    beta: float = 5000.0,
-    kind: str = "sigmoid",
-    reduction: str = "mean",
-    return_stats: bool = False,
-    backend: str = "auto",
-) -> torch.Tensor | tuple[torch.Tensor, PreferenceStats]:
-    """Diffusion-DPO loss (Wallace et al.), fused.
-
-    ``u_i = −½·β·((e_θ[w_i] − e_θ[l_i]) − (e_ref[w_i] − e_ref[l_i]))`` with per-sample mean squared
-    errors ``e``; then per pair
-
-    * ``kind="sigmoid"``: ``ℓ = −log σ(u)`` (Diffusion-DPO eq. 9),
-    * ``kind="hinge"``: ``ℓ = relu(1 − u)``,
-    * ``kind="ipo"``: ``ℓ = (h − 1/(2β))²`` with ``h = Δref − Δθ`` (β plays IPO's τ).
-
-    Args:
-        model_pred: ``(2B, *S)`` policy prediction, winners then losers.
-        ref_pred: ``(2B, *S)`` frozen reference prediction (no grad). Or pass ``ref_err``.
-        target: ``(2B, *S)``, or ``(B, *S)`` shared by each pair (ε-prediction with shared noise).
-        ref_err: ``(2B,)`` precomputed reference errors instead of ``ref_pred``.
-        beta: β in fastpref's convention (means over S, with the ½): 5000 for SD1.5 and SDXL.
-        reduction: ``"mean"`` over pairs, ``"sum"`` or ``"none"`` (``(B,)``).
-        return_stats: also return detached :class:`PreferenceStats` (no device sync).
-        backend: ``"auto"``, ``"triton"``, ``"cpu"``/``"cuda"`` (the C++/CUDA extension) or
-            ``"torch"`` (the reference); see :func:`resolve_backend`.
-    """
-    beta = _check_positive("beta", beta)
-    kind = _check_choice("kind", kind, DPO_KINDS)
-    return _pair_loss(kind, model_pred, ref_pred, target, ref_err, beta, 0.5, reduction, return_stats, backend)
-
-
-def dmpo_loss(
-    model_pred: torch.Tensor,
-    ref_pred: torch.Tensor | None = None,
-    target: torch.Tensor | None = None,
-    *,
-    ref_err: torch.Tensor | None = None,
-    beta: float = 2000.0,
-    alpha: float = 0.01,
-    reduction: str = "mean",
-    return_stats: bool = False,
-    backend: str = "auto",
-) -> torch.Tensor | tuple[torch.Tensor, PreferenceStats]:
-    """DMPO loss (seed 002 eq. 14), fused: ``ℓ = KL(Bern σ(u) ‖ Bern(1−α))``.
-
-    ``ℓ = σ(u)·log(σ(u)/(1−α)) + σ(−u)·log(σ(−u)/α)`` with u as in :func:`dpo_loss`; minimal (0) at
-    ``u* = log((1−α)/α)`` — the loss stops pushing once the pair is ranked with confidence 1−α.
-    Published settings in this β convention: SD1.5 β=2000, α=0.01; SDXL β=6000, α=0.01;
-    SD3.5-M β=100, α=0.1. Arguments as :func:`dpo_loss`.
-    """
-    beta = _check_positive("beta", beta)
-    alpha = check_alpha(alpha)
-    return _pair_loss("dmpo", model_pred, ref_pred, target, ref_err, beta, alpha, reduction, return_stats, backend)
-
-
-# ----------------------------------------------------------------------------------------------
-# The rest of the family: MaPO, ORPO/ORRPO, KTO, DRO (the fused kernel family) and Diffusion-RPO
-# (the fused weight-matrix kernel, fastpref/ops/rpo.py).
-# ----------------------------------------------------------------------------------------------
-
-
-def _check_real(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
-
-
-def _check_nonnegative(name: str, value) -> float:
-    value = _check_real(name, value)
-    if value < 0:
-        raise ValueError(f"{name} must be ≥ 0, got {value}")
-    return value
+        model_err = reference.pair_errors(model_pred, target)
+        if ref_pred is not None:
+            ref_err_out = reference.pair_errors(ref_pred, target)
+        else:
+            ref_err_out = torch.zeros_like(model_err) if ref_err is None else ref_err.to(model_err.dtype)
+        losses, u = reference.family_loss(loss, model_err, ref_err_out, labels=labels, **params)
+        out = reference.reduce(losses, reduction)
+    dt = result_dtype(model_pred, ref_pred, target, ref_err)
+    return _Out(out.to(dt), u.to(dt), model_err.to(dt), ref_err_out.to(dt))
 
 
 def _ref_free_stats(u, model_err, reward_fn) -> PreferenceStats:
@@ -285,27 +285,83 @@ def _ref_free_stats(u, model_err, reward_fn) -> PreferenceStats:
     )  # fmt: skip
 
 
-def _fused_or_reference(loss, model_pred, ref_pred, target, ref_err, *, beta, c0, c1, reduction, backend, labels=None):
-    """The fused kernel family (Triton, or the C++/CUDA extension for the losses it implements);
-    ``None`` when the reference must run."""
-    resolved = resolve_backend(backend, model_pred.device)
-    if ref_err is not None:
-        ref_err = ref_err.contiguous()
-    if resolved == "triton":
-        from fastpref.ops.library import triton_pair_loss  # the Triton family as a torch.library op
+# ----------------------------------------------------------------------------------------------
+# The losses of the fused kernel family.
+# ----------------------------------------------------------------------------------------------
 
-        return triton_pair_loss(loss, model_pred, ref_pred, target, ref_err, beta=beta, reduction=reduction,
-                                c0=c0, c1=c1, labels=labels)  # fmt: skip
-    if resolved in ("cpu", "cuda"):
-        from fastpref.ops.cpp import CPP_LOSSES, cpp_pair_loss
 
-        if loss in CPP_LOSSES:
-            return cpp_pair_loss(loss, model_pred, ref_pred, target, ref_err, beta=beta, reduction=reduction,
-                                 c0=c0, c1=c1)  # fmt: skip
-        if backend != "auto":
-            raise ValueError(f"{loss}_loss has no {backend!r} backend (csrc/ implements {', '.join(CPP_LOSSES)}); "
-                             "use backend='auto', 'triton' or 'torch'")  # fmt: skip
-    return None
+def dpo_loss(
+    model_pred: torch.Tensor,
+    ref_pred: torch.Tensor | None = None,
+    target: torch.Tensor | None = None,
+    *,
+    ref_err: torch.Tensor | None = None,
+    beta: float = 5000.0,
+    kind: str = "sigmoid",
+    reduction: str = "mean",
+    return_stats: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, PreferenceStats]:
+    """Diffusion-DPO loss ("Diffusion Model Alignment Using Direct Preference Optimization",
+    Wallace et al., 2023, arXiv:2311.12908), fused.
+
+    ``u_i = −½·β·((e_θ[w_i] − e_θ[l_i]) − (e_ref[w_i] − e_ref[l_i]))`` with per-sample mean squared
+    errors ``e``; then per pair
+
+    * ``kind="sigmoid"``: ``ℓ = −log σ(u)`` (Diffusion-DPO eq. 9),
+    * ``kind="hinge"``: ``ℓ = relu(1 − u)``,
+    * ``kind="ipo"``: ``ℓ = (h − 1/(2β))²`` with ``h = Δref − Δθ``: here β is IPO's τ and 1/(2β) the
+      target margin, so the DPO default β = 5000 makes the loss ~1e-8; IPO's public code uses β = 0.1
+      (``fastpref.train`` defaults to it for ``--loss ipo``).
+
+    Args:
+        model_pred: ``(2B, *S)`` policy prediction, winners then losers.
+        ref_pred: ``(2B, *S)`` frozen reference prediction (no grad). Or pass ``ref_err``.
+        target: ``(2B, *S)``, or ``(B, *S)`` shared by each pair (ε-prediction with shared noise).
+        ref_err: ``(2B,)`` precomputed reference errors instead of ``ref_pred``.
+        beta: β in fastpref's convention (means over S, with the ½): 5000 for SD1.5 and SDXL.
+        reduction: ``"mean"`` over pairs, ``"sum"`` or ``"none"`` (``(B,)``).
+        return_stats: also return detached :class:`PreferenceStats` (no device sync).
+        backend: ``"auto"``, ``"triton"``, ``"cpu"``/``"cuda"`` (the C++/CUDA extension) or
+            ``"torch"`` (the reference); see :func:`resolve_backend`.
+
+    Returns the loss, float64 when any input is float64, else float32 (:func:`result_dtype`).
+    """
+    beta = _check_positive("beta", beta)
+    kind = _check_choice("kind", kind, DPO_KINDS)
+    _check_choice("reduction", reduction, REDUCTIONS)
+    check_pair_inputs(model_pred, ref_pred, target, ref_err)
+    r = _run(kind, model_pred, ref_pred, target, ref_err, reduction=reduction, backend=backend, beta=beta)
+    return (r.loss, preference_stats(r.u, r.model_err, r.ref_err, beta)) if return_stats else r.loss
+
+
+def dmpo_loss(
+    model_pred: torch.Tensor,
+    ref_pred: torch.Tensor | None = None,
+    target: torch.Tensor | None = None,
+    *,
+    ref_err: torch.Tensor | None = None,
+    beta: float = 2000.0,
+    alpha: float = 0.01,
+    reduction: str = "mean",
+    return_stats: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, PreferenceStats]:
+    """DMPO ("Divergence Minimization Preference Optimization for Diffusion Model Alignment",
+    Li et al., 2025, arXiv:2507.07510, eq. 14), fused: ``ℓ = KL(Bern σ(u) ‖ Bern(1−α))``.
+
+    ``ℓ = σ(u)·log(σ(u)/(1−α)) + σ(−u)·log(σ(−u)/α)`` with u as in :func:`dpo_loss`; minimal (0) at
+    ``u* = log((1−α)/α)`` — the loss stops pushing once the pair is ranked with confidence 1−α.
+    Published settings in this β convention: SD1.5 β=2000, α=0.01; SDXL β=6000, α=0.01;
+    SD3.5-M β=100, α=0.1. Arguments as :func:`dpo_loss`.
+    """
+    beta = _check_positive("beta", beta)
+    alpha = check_alpha(alpha)
+    _check_choice("reduction", reduction, REDUCTIONS)
+    check_pair_inputs(model_pred, ref_pred, target, ref_err)
+    r = _run("dmpo", model_pred, ref_pred, target, ref_err, reduction=reduction, backend=backend, beta=beta,
+             alpha=alpha)  # fmt: skip
+    return (r.loss, preference_stats(r.u, r.model_err, r.ref_err, beta)) if return_stats else r.loss
 
 
 def mapo_loss(
@@ -319,7 +375,8 @@ def mapo_loss(
     return_stats: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, PreferenceStats]:
-    """MaPO, margin-aware preference optimisation without a reference model (seed 000), fused.
+    """MaPO ("Margin-aware Preference Optimization for Aligning Diffusion Models without Reference",
+    Hong et al., 2024, arXiv:2406.06424), reference-free, fused.
 
     With ``f(x) = s·x/(e^{s·x} − 1)`` (evaluated stably; continuous at 0, where f → 1) and
     ``u_i = T·(f(e_θ[w_i]) − f(e_θ[l_i]))`` per pair,
@@ -335,18 +392,11 @@ def mapo_loss(
     num_train_timesteps = _check_positive("num_train_timesteps", num_train_timesteps)
     _check_choice("reduction", reduction, REDUCTIONS)
     check_pair_inputs(model_pred, None, target, None, need_ref=False)
-    fused = _fused_or_reference("mapo", model_pred, None, target, None, beta=beta, c0=snr_value,
-                                c1=num_train_timesteps, reduction=reduction, backend=backend)  # fmt: skip
-    if fused is not None:
-        out, u, err = fused
-        model_err = err[0]
-    else:
-        model_err = reference.pair_errors(model_pred, target)
-        losses, u = reference.mapo(model_err, beta, snr_value, num_train_timesteps)
-        out = reference.reduce(losses, reduction)
+    r = _run("mapo", model_pred, None, target, None, reduction=reduction, backend=backend, beta=beta,
+             snr_value=snr_value, num_train_timesteps=num_train_timesteps)  # fmt: skip
     if return_stats:
-        return out, _ref_free_stats(u, model_err, lambda e: num_train_timesteps * reference.mapo_f(e, snr_value))
-    return out
+        return r.loss, _ref_free_stats(r.u, r.model_err, lambda e: num_train_timesteps * reference.mapo_f(e, snr_value))
+    return r.loss
 
 
 def orpo_loss(
@@ -365,7 +415,8 @@ def orpo_loss(
     return_stats: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, PreferenceStats]:
-    """Diffusion-ORPO (seed 004 App. C), reference-free; with RPO weights, Diffusion-ORRPO.
+    """Diffusion-ORPO (Diffusion-RPO paper, Gu et al., 2024, arXiv:2406.06382, App. C; ORPO: Hong et
+    al., 2024, arXiv:2403.07691), reference-free; with RPO weights, Diffusion-ORRPO.
 
     The likelihood proxy ``log p = −½·β·e`` gives ``log odds(e) = −½βe − log(1 − e^{−½βe})`` and,
     per pair, ``r_i = log odds(e_θ[w_i]) − log odds(e_θ[l_i])``:
@@ -377,8 +428,8 @@ def orpo_loss(
     lower): the diffusers ``diffusion_orpo`` script's ``logσ(e_w − e_l)`` raises the winner's error.
 
     Args:
-        lambda_orpo: λ, the weight of the odds-ratio term (0.1 = diffusers' ``--beta_orpo``; seed 004
-            reports λ = 0.005 for ORPO and 0.2 for ORRPO on SDXL).
+        lambda_orpo: λ, the weight of the odds-ratio term (0.1 = diffusers' ``--beta_orpo``; the
+            Diffusion-RPO paper reports λ = 0.005 for ORPO and 0.2 for ORRPO on SDXL).
         beta: the likelihood scale. ``None`` (default) uses β = D, the number of elements per sample,
             which is the appendix's ``exp(−½‖ε − ε_θ‖²)`` on summed errors; the diffusers script's
             ``log p = −e`` is β = 2 (without the log(1 − p) term).
@@ -390,37 +441,15 @@ def orpo_loss(
     check_pair_inputs(model_pred, None, target, None, need_ref=False)
     beta = float(model_pred[0].numel()) if beta is None else _check_positive("beta", beta)
     if weights is not None or win_emb is not None or lose_emb is not None:
-        return _rpo_family("orpo", model_pred, None, target, None, weights, win_emb, lose_emb, tau, beta, lambda_orpo,
-                           weight_inside, group, reduction, return_stats, backend)  # fmt: skip
+        return _run_rpo("orpo", model_pred, None, target, None, weights, win_emb, lose_emb, tau, beta, lambda_orpo,
+                        weight_inside, group, reduction, return_stats, backend)  # fmt: skip
     if group is not None:
         raise ValueError("group= needs weights or embeddings (ORRPO): plain ORPO has no cross-pair term to gather")
-    fused = _fused_or_reference("orpo", model_pred, None, target, None, beta=beta, c0=lambda_orpo, c1=0.0,
-                                reduction=reduction, backend=backend)  # fmt: skip
-    if fused is not None:
-        out, u, err = fused
-        model_err = err[0]
-    else:
-        model_err = reference.pair_errors(model_pred, target)
-        losses, u = reference.orpo(model_err, beta, lambda_orpo)
-        out = reference.reduce(losses, reduction)
+    r = _run("orpo", model_pred, None, target, None, reduction=reduction, backend=backend, beta=beta,
+             lambda_orpo=lambda_orpo)  # fmt: skip
     if return_stats:
-        return out, _ref_free_stats(u, model_err, lambda e: reference.orpo_log_odds(e, beta))
-    return out
-
-
-def _check_labels(labels, n: int, device) -> None:
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor of shape ({n},), got {type(labels).__name__}")
-    if labels.shape != (n,):
-        raise ValueError(f"labels must have shape ({n},) (one per sample of model_pred), got {tuple(labels.shape)}")
-    if labels.device != device:
-        raise ValueError(f"labels is on {labels.device} but model_pred is on {device}")
-    if labels.is_complex():
-        raise TypeError(f"labels must be bool, integer or float (1 = desirable, 0 = undesirable), got {labels.dtype}")
-    # a value check costs a device sync on a GPU, so only CPU labels are checked; on a GPU any
-    # non-zero label counts as desirable
-    if labels.device.type == "cpu" and labels.numel() and not ((labels == 0) | (labels == 1)).all():
-        raise ValueError("labels must be 0 (undesirable) or 1 (desirable)")
+        return r.loss, _ref_free_stats(r.u, r.model_err, lambda e: reference.orpo_log_odds(e, beta))
+    return r.loss
 
 
 def kto_loss(
@@ -437,7 +466,8 @@ def kto_loss(
     return_stats: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, KTOStats]:
-    """Diffusion-KTO: unpaired samples, each labelled desirable (1) or undesirable (0), fused.
+    """Diffusion-KTO ("Aligning Diffusion Models by Optimizing Human Utility", Li et al., 2024,
+    arXiv:2404.04465): unpaired samples, each labelled desirable (1) or undesirable (0), fused.
 
         g_k = e_ref[k] − e_θ[k],   z = max(0, mean_k g_k) (detached),
         ℓ_k = λ_y·(1 − σ((2y_k − 1)·β·(g_k − z)))
@@ -456,49 +486,15 @@ def kto_loss(
     lambda_desirable = _check_nonnegative("lambda_desirable", lambda_desirable)
     lambda_undesirable = _check_nonnegative("lambda_undesirable", lambda_undesirable)
     _check_choice("reduction", reduction, REDUCTIONS)
-    _check_float_tensor("model_pred", model_pred)
-    if model_pred.dim() < 1 or model_pred.shape[0] < 1:
-        raise ValueError(f"model_pred must have a leading sample dimension N ≥ 1, got shape {tuple(model_pred.shape)}")
-    n = model_pred.shape[0]
-    if model_pred[0].numel() == 0:
-        raise ValueError(f"model_pred has no elements per sample, shape {tuple(model_pred.shape)}")
-    if target is None:
-        raise TypeError("target is required (the noise ε, the velocity, or noise − x0 for flow matching)")
-    _check_float_tensor("target", target)
-    if target.shape != model_pred.shape:
-        raise ValueError(f"target must have model_pred's shape {tuple(model_pred.shape)}, got {tuple(target.shape)}")
-    device = model_pred.device
-    if target.device != device:
-        raise ValueError(f"target is on {target.device} but model_pred is on {device}")
-    if target.requires_grad:
-        raise ValueError("target must not require grad (no gradient is computed for it): pass target.detach()")
-    if (ref_pred is None) == (ref_err is None):
-        raise TypeError("pass exactly one of ref_pred (the frozen reference's prediction) or ref_err")
-    name, ref, shape = ("ref_pred", ref_pred, model_pred.shape) if ref_pred is not None else ("ref_err", ref_err, (n,))
-    _check_float_tensor(name, ref)
-    if ref.shape != shape:
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(ref.shape)}")
-    if ref.device != device:
-        raise ValueError(f"{name} is on {ref.device} but model_pred is on {device}")
-    if ref.requires_grad:
-        raise ValueError(f"{name} must not require grad: the reference is frozen — use torch.no_grad() or .detach()")
+    n = check_pair_inputs(model_pred, ref_pred, target, ref_err, paired=False)
     _check_labels(labels, n, model_pred.device)
-
-    fused = _fused_or_reference("kto", model_pred, ref_pred, target, ref_err, beta=beta, c0=lambda_desirable,
-                                c1=lambda_undesirable, reduction=reduction, backend=backend, labels=labels)  # fmt: skip
-    if fused is not None:
-        out, reward, err = fused
-        model_err, ref_err_out = err[0], err[1]
-        z = torch.clamp((ref_err_out - model_err).mean(), min=0.0)
-    else:
-        model_err = reference.pair_errors(model_pred, target)
-        ref_err_out = (reference.pair_errors(ref_pred, target) if ref_err is None else ref_err).to(model_err.dtype)
-        losses, reward, z = reference.kto(model_err, ref_err_out, labels, beta, lambda_desirable, lambda_undesirable)
-        out = reference.reduce(losses, reduction)
+    r = _run("kto", model_pred, ref_pred, target, ref_err, reduction=reduction, backend=backend, labels=labels,
+             beta=beta, lambda_desirable=lambda_desirable, lambda_undesirable=lambda_undesirable)  # fmt: skip
     if return_stats:
-        return out, KTOStats(implicit_reward=reward.detach(), reference_point=z.detach(), model_err=model_err.detach(),
-                             ref_err=ref_err_out.detach(), desirable=labels.detach() != 0)  # fmt: skip
-    return out
+        z = torch.clamp((r.ref_err - r.model_err).mean(), min=0.0)
+        return r.loss, KTOStats(implicit_reward=r.u.detach(), reference_point=z.detach(), model_err=r.model_err.detach(),
+                                ref_err=r.ref_err.detach(), desirable=labels.detach() != 0)  # fmt: skip
+    return r.loss
 
 
 def dro_loss(
@@ -512,7 +508,9 @@ def dro_loss(
     return_stats: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, PreferenceStats]:
-    """Diffusion-DRO (seed 003): hinge ranking of expert (offline) samples above online samples.
+    """Diffusion-DRO ("Ranking-based Preference Optimization for Diffusion Models from Implicit User
+    Feedback", Wu et al., 2025, arXiv:2510.18353): hinge ranking of expert (offline) samples above
+    online samples.
 
         d_i = (e_θ − e_ref)[expert_i] − (e_θ − e_ref)[online_i],   ℓ_i = relu(d_i + m),  m = 0.001
 
@@ -526,37 +524,18 @@ def dro_loss(
     margin = _check_nonnegative("margin", margin)
     _check_choice("reduction", reduction, REDUCTIONS)
     check_pair_inputs(model_pred, ref_pred, target, ref_err)
-    fused = _fused_or_reference("dro", model_pred, ref_pred, target, ref_err, beta=2.0, c0=margin, c1=0.0,
-                                reduction=reduction, backend=backend)  # fmt: skip
-    if fused is not None:
-        out, u, err = fused
-        model_err, ref_err_out = err[0], err[1]
-    else:
-        model_err = reference.pair_errors(model_pred, target)
-        ref_err_out = (reference.pair_errors(ref_pred, target) if ref_err is None else ref_err).to(model_err.dtype)
-        losses, u = reference.dro(model_err, ref_err_out, margin)
-        out = reference.reduce(losses, reduction)
-    if return_stats:
-        return out, preference_stats(u, model_err, ref_err_out, 2.0)
-    return out
+    r = _run("dro", model_pred, ref_pred, target, ref_err, reduction=reduction, backend=backend, margin=margin)
+    return (r.loss, preference_stats(r.u, r.model_err, r.ref_err, 2.0)) if return_stats else r.loss
 
 
-# ---- Diffusion-RPO -----------------------------------------------------------------------------
-
-
-def _check_embeddings(win_emb, lose_emb, m: int, device) -> None:
-    for name, e in (("win_emb", win_emb), ("lose_emb", lose_emb)):
-        _check_float_tensor(name, e)
-        if e.dim() != 2 or e.shape[0] != m or e.shape[1] < 1:
-            raise ValueError(f"{name} must have shape ({m}, K) (one embedding per pair), got {tuple(e.shape)}")
-        if e.device != device:
-            raise ValueError(f"{name} is on {e.device} but model_pred is on {device}")
-    if win_emb.shape[1] != lose_emb.shape[1]:
-        raise ValueError(f"win_emb and lose_emb must have the same width K, got {win_emb.shape[1]} and {lose_emb.shape[1]}")
+# ----------------------------------------------------------------------------------------------
+# Diffusion-RPO: every winner against every loser (the fused weight-matrix kernel, ops/rpo.py).
+# ----------------------------------------------------------------------------------------------
 
 
 def clip_pair_weights(win_emb: torch.Tensor, lose_emb: torch.Tensor, *, tau: float = 0.01) -> torch.Tensor:
-    """The Diffusion-RPO weight matrix (seed 004 §2.1) as an explicit ``(M, N)`` fp32 tensor.
+    """The Diffusion-RPO weight matrix (Gu et al., 2024, arXiv:2406.06382, §2.1) as an explicit
+    ``(M, N)`` fp32 tensor.
 
     ``W_ij = exp(−d_ij/τ) / Σ_j' exp(−d_ij'/τ)``, ``d_ij = 1 − cos(win_emb_i, lose_emb_j)``: each row
     sums to 1 (a row softmax, computed stably). No gradient. :func:`rpo_loss` computes the same
@@ -582,11 +561,12 @@ def _world(group):
     return dist.get_world_size(group), dist.get_rank(group)
 
 
-def _rpo_family(kind, model_pred, ref_pred, target, ref_err, weights, win_emb, lose_emb, tau, beta, lambda_orpo,
-                weight_inside, group, reduction, return_stats, backend):  # fmt: skip
-    """Diffusion-RPO (``kind="sigmoid"``) and Diffusion-ORRPO (``kind="orpo"``): errors → (gather the
-    losers across ranks) → the weighted M×N pairwise matrix → per-row losses → reduction."""
-    from fastpref.ops import rpo as rpo_ops
+def _run_rpo(kind, model_pred, ref_pred, target, ref_err, weights, win_emb, lose_emb, tau, beta, lambda_orpo,
+             weight_inside, group, reduction, return_stats, backend):  # fmt: skip
+    """Diffusion-RPO (``kind="sigmoid"``) and Diffusion-ORRPO (``kind="orpo"``) on validated pair inputs:
+    errors → (gather the losers across ranks) → the weighted M×N pairwise matrix → per-row losses →
+    reduction, on the backend :func:`resolve_backend` picks (Triton or the reference)."""
+    from fastpref.ops.distributed import gather_constant, gather_losers
 
     _check_choice("reduction", reduction, REDUCTIONS)
     if not isinstance(weight_inside, bool):
@@ -603,18 +583,14 @@ def _rpo_family(kind, model_pred, ref_pred, target, ref_err, weights, win_emb, l
                              f"got {tuple(weights.shape)}")  # fmt: skip
         if weights.device != device:
             raise ValueError(f"weights is on {weights.device} but model_pred is on {device}")
-        weights = weights.detach()  # the weights are constants of the loss (seed 004)
+        weights = weights.detach()  # the weights are constants of the loss
     else:
         if win_emb is None or lose_emb is None:
             raise TypeError("pass weights= (M×M) or both win_emb= and lose_emb= (M×K CLIP embeddings)")
         _check_embeddings(win_emb, lose_emb, m, device)
         tau = _check_positive("tau", tau)
         win_emb, lose_emb = win_emb.detach(), lose_emb.detach()
-    resolved = resolve_backend(backend, device)
-    if resolved in ("cpu", "cuda") and backend != "auto":  # csrc/ has no M×N pairwise op
-        raise ValueError(f"{'rpo' if kind == 'sigmoid' else 'orpo'}_loss with weights or embeddings has no "
-                         f"{backend!r} backend; use backend='auto', 'triton' or 'torch'")  # fmt: skip
-    use_triton = resolved == "triton"
+    use_triton = resolve_backend(backend, device, "rpo" if kind == "sigmoid" else "orrpo") == "triton"
 
     # 1. per-sample errors (e_ref = 0 for the reference-free ORRPO)
     if use_triton:
@@ -630,15 +606,17 @@ def _rpo_family(kind, model_pred, ref_pred, target, ref_err, weights, win_emb, l
 
     # 2. the matrix spans the global batch: every rank's losers (autograd-aware for e_θ)
     if group is not None:
-        ml_all, rl_all = rpo_ops.gather_losers(ml, rl.detach(), group)
-        lose_all = rpo_ops.gather_constant(lose_emb, group) if weights is None else None
+        ml_all, rl_all = gather_losers(ml, rl.detach(), group)
+        lose_all = gather_constant(lose_emb, group) if weights is None else None
     else:
         ml_all, rl_all, lose_all = ml, rl, lose_emb
 
     # 3. per-row losses ℓ_i = Σ_j W_ij ℓ(a_i − b_j)
     if use_triton:
-        rows = rpo_ops.fused_rpo_rows(kind, mw, ml_all, rw, rl_all, weights, win_emb, lose_all, tau=tau, beta=beta,
-                                      weight_inside=weight_inside)  # fmt: skip
+        from fastpref.ops.rpo import fused_rpo_rows
+
+        rows = fused_rpo_rows(kind, mw, ml_all, rw, rl_all, weights, win_emb, lose_all, tau=tau, beta=beta,
+                              weight_inside=weight_inside)  # fmt: skip
     else:
         w = weights if weights is not None else reference.clip_pair_weights_ref(win_emb, lose_all, tau)
         if kind == "orpo":
@@ -650,9 +628,12 @@ def _rpo_family(kind, model_pred, ref_pred, target, ref_err, weights, win_emb, l
         rows = mw + lambda_orpo * rows
     # "mean" averages over the global batch, so the ranks' losses add up to the global loss
     out = rows.sum() / (m * world) if reduction == "mean" else reference.reduce(rows, reduction)
+    dt = result_dtype(model_pred, ref_pred, target, ref_err)
+    out, model_err, ref_err_out = out.to(dt), model_err.to(dt), ref_err_out.to(dt)
 
     if return_stats:  # the diagonal pairs (i, i): the DPO / ORPO statistics of this rank's pairs
         if kind == "orpo":
+            mw, ml = model_err.chunk(2)
             u = reference.orpo_log_odds(mw, beta) - reference.orpo_log_odds(ml, beta)
             return out, _ref_free_stats(u, model_err, lambda e: reference.orpo_log_odds(e, beta))
         return out, preference_stats(reference.margin(model_err, ref_err_out, beta), model_err, ref_err_out, beta)
@@ -676,7 +657,8 @@ def rpo_loss(
     return_stats: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, PreferenceStats]:
-    """Diffusion-RPO (seed 004 eq. 9): every winner i against every loser j of the batch.
+    """Diffusion-RPO ("Diffusion-RPO: Aligning Diffusion Models through Relative Preference
+    Optimization", Gu et al., 2024, arXiv:2406.06382, eq. 9): every winner i against every loser j.
 
         d_ij = 1 − cos(a_i, b_j),  W_ij = exp(−d_ij/τ) / Σ_j' exp(−d_ij'/τ)
         u_ij = −½β·((e_θ[w_i] − e_ref[w_i]) − (e_θ[l_j] − e_ref[l_j]))
@@ -684,7 +666,8 @@ def rpo_loss(
 
     On ``backend="triton"`` one fused kernel computes the cosines, the stable online row
     normalisation and the weighted loss and its gradient, tiling over j: nothing M×M is stored.
-    With M = 1 (or W = I) this is :func:`dpo_loss`.
+    With M = 1 (or W = I) this is :func:`dpo_loss`. The C++ extension has no kernel for the matrix:
+    ``backend="auto"`` runs Triton or the reference.
 
     Args:
         model_pred, ref_pred, target, ref_err: as :func:`dpo_loss` (M pairs).
@@ -693,8 +676,8 @@ def rpo_loss(
         win_emb, lose_emb: ``(M, K)`` embeddings of (winner image, prompt) and (loser image, prompt),
             e.g. from :func:`fastpref.clip.pair_embeddings`; normalised here. No gradient.
         tau: τ = 0.01 (SD1.5), 0.5 (SDXL).
-        beta: β = 5000 in fastpref's convention (seed 004's β with the ½).
-        weight_inside: the earlier RPO form (seed 004 eq. 15): ``−(1/M²)·Σ_ij log σ(W_ij·u_ij)``.
+        beta: β = 5000 in fastpref's convention (the paper's β with the ½).
+        weight_inside: the earlier RPO form (the paper's eq. 15): ``−(1/M²)·Σ_ij log σ(W_ij·u_ij)``.
         group: a ``torch.distributed`` process group: the losers' errors (autograd-aware) and
             embeddings of every rank are gathered so the matrix spans the global batch (every rank
             must hold the same M). Each rank computes its own winners' rows and returns its share of
@@ -706,5 +689,5 @@ def rpo_loss(
     """
     beta = _check_positive("beta", beta)
     check_pair_inputs(model_pred, ref_pred, target, ref_err)
-    return _rpo_family("sigmoid", model_pred, ref_pred, target, ref_err, weights, win_emb, lose_emb, tau, beta, 0.0,
-                       weight_inside, group, reduction, return_stats, backend)  # fmt: skip
+    return _run_rpo("sigmoid", model_pred, ref_pred, target, ref_err, weights, win_emb, lose_emb, tau, beta, 0.0,
+                    weight_inside, group, reduction, return_stats, backend)  # fmt: skip

@@ -160,6 +160,7 @@ __all__ += [
     "rpo_pairwise",
     "rpo",
     "orrpo",
+    "family_loss",
 ]
 
 
@@ -302,3 +303,24 @@ def orrpo(model_err, weights, beta: float, lambda_orpo: float, weight_inside: bo
     mw, ml = model_err.chunk(2)
     pair = rpo_pairwise(orpo_log_odds(mw, beta), orpo_log_odds(ml, beta), weights, weight_inside)
     return mw + lambda_orpo * pair
+
+
+def family_loss(loss: str, model_err: torch.Tensor, ref_err: torch.Tensor, *, labels=None, **p):
+    """Per-item losses and margins ``(losses, u)`` of each loss of the fused kernel family, from the
+    upcast errors (``ref_err`` reads 0 for the reference-free losses), with the loss's parameters by
+    name: ``beta`` (all but dro), ``alpha`` (dmpo), ``margin`` (dro), ``snr_value`` and
+    ``num_train_timesteps`` (mapo), ``lambda_orpo`` (orpo), ``labels``, ``lambda_desirable`` and
+    ``lambda_undesirable`` (kto; u is then β·(g − z) per sample). ``backend="torch"`` runs this."""
+    if loss in PAIR_LOSSES:
+        u = margin(model_err, ref_err, p["beta"])
+        return PAIR_LOSSES[loss](u, p["beta"], p.get("alpha", 0.5)), u
+    if loss == "dro":
+        return dro(model_err, ref_err, p["margin"])
+    if loss == "mapo":
+        return mapo(model_err, p["beta"], p["snr_value"], p["num_train_timesteps"])
+    if loss == "orpo":
+        return orpo(model_err, p["beta"], p["lambda_orpo"])
+    if loss == "kto":
+        losses, x, _z = kto(model_err, ref_err, labels, p["beta"], p["lambda_desirable"], p["lambda_undesirable"])
+        return losses, x
+    raise ValueError(f"unknown loss {loss!r}")

@@ -196,19 +196,18 @@ def test_reductions_and_upstream_weights(loss, reduction, device):
 @pytest.mark.parametrize("loss", LOSSES)
 def test_split_reduction_over_samples(loss, device):
     """The S-split path (several programs per pair, used on GPUs when 2B is small)."""
-    from fastpref.ops.pair_loss import fused_pair_loss
+    from fastpref.ops.family import kernel_scalars
+    from fastpref.ops.library import triton_pair_loss  # the op the public losses call
 
     model_pred, ref_pred, target, labels = inputs(loss, 3, (3, 7, 11), torch.float32, device)
     p = params_for(loss, model_pred, ref_pred, target, labels=labels)
-    consts = {"mapo": (p.get("beta"), p.get("snr_value"), p.get("num_train_timesteps")),
-              "orpo": (p.get("beta"), p.get("lambda_orpo"), 0.0), "dro": (2.0, p.get("margin"), 0.0),
-              "kto": (p.get("beta"), p.get("lambda_desirable"), p.get("lambda_undesirable"))}[loss]  # fmt: skip
+    beta, c0, c1 = kernel_scalars(loss, **p)
     r = ref_pred if loss in ("dro", "kto") else None
     outs = []
     for splits in (1, 3):
         m = model_pred.clone().requires_grad_(True)
-        out, _, _ = fused_pair_loss(loss, m, r, target, None, beta=consts[0], c0=consts[1], c1=consts[2],
-                                    labels=labels, reduction="mean", num_splits=splits)  # fmt: skip
+        out, _, _ = triton_pair_loss(loss, m, r, target, None, beta=beta, c0=c0, c1=c1, labels=labels,
+                                     reduction="mean", num_splits=splits)  # fmt: skip
         out.backward()
         outs.append((out.detach(), m.grad))
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-6)

@@ -12,7 +12,8 @@ from _pairs import DTYPES, LOSSES, assert_within_rule, fp32_accumulation_allowan
 
 import fastpref
 from fastpref import reference
-from fastpref.ops.pair_loss import fused_pair_loss
+from fastpref.ops.family import kernel_scalars
+from fastpref.ops.library import triton_pair_loss
 
 
 def call(loss, *args, backend="triton", **kw):
@@ -123,8 +124,9 @@ def test_split_reduction_over_samples(splits, device):
     """The S-split path (several programs per pair, used on GPUs when 2B is small)."""
     model_pred, ref_pred, target, beta = make_pairs(2, (3, 7, 11), torch.float32, device, shared=True)
     m = model_pred.clone().requires_grad_(True)
-    out, u, err = fused_pair_loss(
-        "dmpo", m, ref_pred, target, None, beta=beta, alpha=0.01, reduction="mean", num_splits=splits
+    beta_k, c0, c1 = kernel_scalars("dmpo", beta=beta, alpha=0.01)
+    out, u, err = triton_pair_loss(
+        "dmpo", m, ref_pred, target, None, beta=beta_k, c0=c0, c1=c1, reduction="mean", num_splits=splits
     )
     out.backward()
     m64 = model_pred.double().requires_grad_(True)

@@ -19,4 +19,7 @@ def triton_available() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _find_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # an import hook that refuses triton, a half-removed module
+        return False

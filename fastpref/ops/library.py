@@ -1,6 +1,6 @@
 """``torch.library`` registrations of the pair-loss ops, so the PyTorch compiler can use them.
 
-**C++/CUDA ops.** 
+**C++/CUDA ops.**
 The C++ library (``csrc/ops.cpp``) defines the schemas and the device kernels of
 ``fastpref::pair_loss_fwd`` and ``fastpref::pair_loss_bwd``; this module adds what the compiler
 and autograd need, as the PyTorch custom-op tutorial prescribes:
@@ -15,7 +15,8 @@ and autograd need, as the PyTorch custom-op tutorial prescribes:
 **Triton ops.** ``fastpref::triton_pair_loss_fwd`` / ``triton_pair_loss_bwd`` wrap the launchers
 of :mod:`fastpref.ops.pair_loss` as ``torch.library.custom_op`` s with the same outputs, fake
 implementations and autograd, so ``torch.compile(fullgraph=True)`` keeps the Triton path in one graph
-too (the kernels run as opaque ops; under ``TRITON_INTERPRET=1`` they run in the interpreter).
+too (the kernels run as opaque ops; under ``TRITON_INTERPRET=1`` they run in the interpreter). This
+module imports triton only when such an op first runs.
 
 Autocast has no kernel for these ops, so under ``torch.autocast`` they receive their inputs
 unchanged and still reduce in fp32 (fp64 for fp64 input).
@@ -24,6 +25,8 @@ unchanged and still reduce in fp32 (fp64 for fp64 input).
 from __future__ import annotations
 
 import torch
+
+from fastpref.ops.family import UNPAIRED_LOSSES
 
 __all__ = ["register", "accumulation_dtype", "triton_pair_loss"]
 
@@ -90,21 +93,21 @@ def _triton_fwd(
     c0: float,
     c1: float,
     reduction: str,
+    num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from fastpref.ops.pair_loss import pair_loss_forward
 
-    return pair_loss_forward(model_pred, ref_pred, target, ref_err, labels, loss, beta, c0, c1, reduction)
+    return pair_loss_forward(model_pred, ref_pred, target, ref_err, labels, loss, beta, c0, c1, reduction,
+                             num_splits)  # fmt: skip
 
 
 def _num_items(loss: str, n):
     """What ``"mean"`` averages over: rows for the unpaired loss (kto), pairs otherwise."""
-    from fastpref.ops.pair_loss import UNPAIRED_LOSSES
-
     return n if loss in UNPAIRED_LOSSES else (n + 1) // 2
 
 
 @_triton_fwd.register_fake
-def _(model_pred, ref_pred, target, ref_err, labels, loss, beta, c0, c1, reduction):
+def _(model_pred, ref_pred, target, ref_err, labels, loss, beta, c0, c1, reduction, num_splits=None):
     n = model_pred.shape[0]
     items = _num_items(loss, n)
     new = lambda *shape: model_pred.new_empty(shape, dtype=torch.float32)  # noqa: E731
@@ -113,45 +116,46 @@ def _(model_pred, ref_pred, target, ref_err, labels, loss, beta, c0, c1, reducti
 
 @torch.library.custom_op("fastpref::triton_pair_loss_bwd", mutates_args=())
 def _triton_bwd(grad_out: torch.Tensor, model_pred: torch.Tensor, target: torch.Tensor, dl_de: torch.Tensor,
-                loss: str, reduction: str) -> torch.Tensor:  # fmt: skip
+                loss: str, reduction: str, num_splits: int | None = None) -> torch.Tensor:  # fmt: skip
     from fastpref.ops.pair_loss import pair_loss_backward
 
-    return pair_loss_backward(grad_out, model_pred, target, dl_de, loss, reduction)
+    return pair_loss_backward(grad_out, model_pred, target, dl_de, loss, reduction, num_splits)
 
 
 @_triton_bwd.register_fake
-def _(grad_out, model_pred, target, dl_de, loss, reduction):
+def _(grad_out, model_pred, target, dl_de, loss, reduction, num_splits=None):
     return torch.empty_like(model_pred, memory_format=torch.contiguous_format)
 
 
 def _triton_setup_context(ctx, inputs, output):
-    model_pred, _ref_pred, target, _ref_err, _labels, loss, _beta, _c0, _c1, reduction = inputs
+    model_pred, _ref_pred, target, _ref_err, _labels, loss, _beta, _c0, _c1, reduction, *rest = inputs
     ctx.save_for_backward(model_pred, target, output[3])
-    ctx.loss, ctx.reduction = loss, reduction
+    ctx.loss, ctx.reduction, ctx.num_splits = loss, reduction, (rest[0] if rest else None)
 
 
 def _triton_backward(ctx, grad_loss, _grad_margin, _grad_errors, _grad_dl_de):
     model_pred, target, dl_de = ctx.saved_tensors
     grad = None
     if ctx.needs_input_grad[0]:
-        grad = _triton_bwd(grad_loss, model_pred, target, dl_de, ctx.loss, ctx.reduction)
-    return grad, None, None, None, None, None, None, None, None, None
+        grad = _triton_bwd(grad_loss, model_pred, target, dl_de, ctx.loss, ctx.reduction, ctx.num_splits)
+    return (grad,) + (None,) * 10
 
 
 _triton_fwd.register_autograd(_triton_backward, setup_context=_triton_setup_context)
 
 
-def triton_pair_loss(loss, model_pred, ref_pred, target, ref_err, *, beta, reduction, alpha=0.5, c0=None, c1=None,
-                     labels=None):  # fmt: skip
-    """The Triton kernel family through its custom op; returns ``(loss, margin, errors)`` like
-    :func:`fastpref.ops.pair_loss.fused_pair_loss` (same ``c0``/``c1``/``labels`` overrides) and is
-    traceable by ``torch.compile``."""
-    from fastpref.ops.pair_loss import _loss_constants
-
-    if c0 is None:
-        c0, c1 = _loss_constants(loss, beta, alpha)
+def triton_pair_loss(loss, model_pred, ref_pred, target, ref_err, *, beta, c0, c1, reduction, labels=None,
+                     num_splits=None):  # fmt: skip
+    """Run the Triton kernel family on validated inputs through its custom op (traceable by
+    ``torch.compile``); returns ``(loss, margin, errors)``: the (reduced) loss, u ``(B,)`` (``(N,)``
+    for kto) and the ``(2, N)`` errors e_θ, e_ref, all fp32. ``beta, c0, c1``: the loss's kernel
+    scalars (:func:`fastpref.ops.family.kernel_scalars`); ``labels`` ``(N,)`` are kto's (1 =
+    desirable). ``num_splits`` fixes the number of programs per sample (default: chosen per device;
+    tests use it to cover the split path on the CPU)."""
     if labels is not None:
         labels = labels.to(device=model_pred.device, dtype=torch.float32).contiguous()
+    if ref_err is not None:
+        ref_err = ref_err.contiguous()
     out, margin, errors, _dl_de = _triton_fwd(model_pred, ref_pred, target, ref_err, labels, loss, float(beta),
-                                              float(c0), float(c1 or 0.0), reduction)  # fmt: skip
+                                              float(c0), float(c1), reduction, num_splits)  # fmt: skip
     return out, margin, errors

@@ -1,6 +1,6 @@
 """Fused pair-error + preference-loss kernel family (Triton).
 
-Math (``shared/DESIGN.md`` §1–§2; the readable form is :mod:`fastpref.reference`)::
+Math (the readable form, with the conventions, is :mod:`fastpref.reference`; ``docs/losses.md``)::
 
     e_θ[k]   = mean_S (model_pred[k] − target[k])²        k = 0 … 2B−1 (winners, then losers)
     e_ref[k] = mean_S (ref_pred[k]   − target[k])²        (or a precomputed ref_err)
@@ -31,12 +31,12 @@ are not computed; the front end refuses inputs that require them.
 from __future__ import annotations
 
 import functools
-import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from fastpref.ops.family import LOSS_IDS, REF_FREE_LOSSES, UNPAIRED_LOSSES, interpreter_enabled
 
 __all__ = [
     "LOSS_IDS",
@@ -44,7 +44,6 @@ __all__ = [
     "launch_config",
     "pair_err_partials",
     "pair_err_backward",
-    "fused_pair_loss",
     "pair_loss_forward",
     "pair_loss_backward",
     "fused_pair_errors",
@@ -52,25 +51,12 @@ __all__ = [
     "UNPAIRED_LOSSES",
 ]
 
-#: constexpr ids of the per-pair losses (one kernel, many losses). The single source of truth: the
-#: C++/CUDA backends mirror these numbers. Ids 0–4 are functions of d = Δθ − Δref; 5 and 6 are
-#: reference-free (functions of e_θ[w], e_θ[l]); 7 is unpaired (one loss per row).
-LOSS_IDS = {"sigmoid": 0, "hinge": 1, "ipo": 2, "dmpo": 3, "dro": 4, "mapo": 5, "orpo": 6, "kto": 7}
-#: what the finalize kernel's scalars mean per id (``beta``, ``c0``, ``c1``; u = −½·β·d for ids 0–4):
-#:   0 sigmoid, 1 hinge: β, –, –          2 ipo: β, 1/(2β), –        3 dmpo: β, log(1 − α), log α
-#:   4 dro: β = 2 (so u = −d), margin m, –                            5 mapo: β_M, s, T
-#:   6 orpo: likelihood scale β (log p = −½βe), λ, –                  7 kto: β, λ_desirable, λ_undesirable
-REF_FREE_LOSSES = ("mapo", "orpo")
-UNPAIRED_LOSSES = ("kto",)
+# LOSS_IDS (the LOSS constexpr of the kernels), REF_FREE_LOSSES, UNPAIRED_LOSSES: fastpref.ops.family;
+# the per-loss scalars beta, c0, c1: fastpref.ops.family.kernel_scalars.
 
 # Largest per-sample size addressed with int32 column offsets; row offsets are int64, so the
 # whole tensor may exceed 2**31 elements (video latents).
 MAX_ELEMENTS_PER_SAMPLE = 2**31 - 2**20
-
-
-def interpreter_enabled() -> bool:
-    """True when Triton runs kernels on the CPU through its interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,7 +127,7 @@ def _orpo_log_odds_and_grad(e, beta):
 def _pair_loss_and_grad(mw, ml, rw, rl, beta, c0, c1, LOSS: tl.constexpr):
     """Margin u, ℓ and ∂ℓ/∂e_θ of the winner and of the loser of one pair (paired losses, ids 0–6).
 
-    c0, c1: per-loss constants from the host (see ``_loss_constants``)."""
+    c0, c1: per-loss constants from the host (:func:`fastpref.ops.family.kernel_scalars`)."""
     if LOSS == 5:  # mapo: u = T·(f(e_w) − f(e_l)), ℓ = e_w + β_M·softplus(−u); c0 = s, c1 = T
         fw, dfw = _mapo_f_and_grad(mw, c0)
         fl, dfl = _mapo_f_and_grad(ml, c0)
@@ -482,21 +468,14 @@ def pair_err_backward(model2d, target2d, dl_de, grad_out, coef, num_pairs, cfg, 
     return grad
 
 
-def _loss_constants(loss: str, beta: float, alpha: float) -> tuple[float, float]:
-    if loss == "ipo":
-        return 1.0 / (2.0 * beta), 0.0
-    if loss == "dmpo":
-        return math.log1p(-alpha), math.log(alpha)
-    return 0.0, 0.0
-
-
 def pair_loss_forward(model_pred, ref_pred, target, ref_err, labels, loss, beta, c0, c1, reduction, num_splits=None):
     """The forward launches on validated inputs: ``(loss, margin, errors, dl_de)``.
 
     ``loss`` is the reduced (or per-pair / per-row) loss, margin u ``(B,)`` (``(N,)`` for kto), the
     ``(2, N)`` fp32 errors (e_θ, e_ref; e_ref = 0 for reference-free losses) and ``dl_de`` ``(N,)``,
     ∂ℓ/∂e_θ per row — all :func:`pair_loss_backward` needs besides ``model_pred`` and ``target``.
-    Shared by the autograd Function below and the ``torch.library`` op (:mod:`fastpref.ops.library`).
+    Called by the ``torch.library`` op ``fastpref::triton_pair_loss_fwd`` (:mod:`fastpref.ops.library`),
+    which adds autograd and the fake implementation.
     """
     n = model_pred.shape[0]
     num_pairs = (n + 1) // 2
@@ -540,48 +519,6 @@ def pair_loss_backward(grad_out, model_pred, target, dl_de, loss, reduction, num
     coef = 2.0 / numel / ((n if unpaired else num_pairs) if reduction == "mean" else 1)
     grad = pair_err_backward(model2d, target2d, dl_de, grad_out, coef, num_pairs, cfg, unpaired)
     return grad.view(model_pred.shape)
-
-
-class FusedPairLoss(torch.autograd.Function):
-    """Autograd wrapper: ``(model_pred, ref_pred | None, target, ref_err | None, labels | None) → loss``,
-    outputs ``(loss, margin, errors)`` as :func:`pair_loss_forward`; only the loss is differentiable."""
-
-    @staticmethod
-    def forward(ctx, model_pred, ref_pred, target, ref_err, labels, loss, beta, c0, c1, reduction, num_splits):
-        # rows once here (a non-contiguous sample is copied once), reused by the backward
-        model2d, target2d = _rows(model_pred, model_pred.shape[0]), _rows(target, target.shape[0])
-        out, u, err, dl_de = pair_loss_forward(
-            model2d, ref_pred, target2d, ref_err, labels, loss, beta, c0, c1, reduction, num_splits
-        )
-        ctx.save_for_backward(model2d, target2d, dl_de)
-        ctx.args = (loss, reduction, num_splits)
-        ctx.shape = model_pred.shape
-        ctx.mark_non_differentiable(u, err)
-        return out, u, err
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_u, _grad_err):
-        if not ctx.needs_input_grad[0]:
-            return (None,) * 11
-        model2d, target2d, dl_de = ctx.saved_tensors
-        grad = pair_loss_backward(grad_loss, model2d, target2d, dl_de, *ctx.args)
-        return (grad.view(ctx.shape),) + (None,) * 10
-
-
-@torch.compiler.disable
-def fused_pair_loss(loss, model_pred, ref_pred, target, ref_err, *, beta, alpha=0.5, reduction, num_splits=None,
-                    c0=None, c1=None, labels=None):  # fmt: skip
-    """Run the fused kernel family on validated inputs; returns ``(loss, margin, errors)``.
-
-    ``c0``/``c1`` override the per-loss constants (dro: margin; mapo: s, T; orpo: λ; kto: λ_desirable,
-    λ_undesirable); ``labels`` ``(N,)`` are kto's (1 = desirable)."""
-    if c0 is None:
-        c0, c1 = _loss_constants(loss, beta, alpha)
-    if labels is not None:
-        labels = labels.to(device=model_pred.device, dtype=torch.float32).contiguous()
-    return FusedPairLoss.apply(
-        model_pred, ref_pred, target, ref_err, labels, loss, beta, float(c0), float(c1 or 0.0), reduction, num_splits
-    )
 
 
 class PairErrors(torch.autograd.Function):

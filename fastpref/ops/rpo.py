@@ -33,7 +33,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastpref.ops.pair_loss import LOSS_IDS, _log1p, _orpo_log_odds_and_grad, _sigmoid, interpreter_enabled
+from fastpref.ops.distributed import gather_constant, gather_losers  # re-exported
+from fastpref.ops.family import LOSS_IDS, interpreter_enabled
+from fastpref.ops.pair_loss import _log1p, _orpo_log_odds_and_grad, _sigmoid
 
 __all__ = ["RPO_KINDS", "rpo_launch_config", "fused_rpo_rows", "gather_losers", "gather_constant"]
 
@@ -277,28 +279,3 @@ def fused_rpo_rows(kind, mw, ml, rw, rl, weights, win_emb, lose_emb, *, tau, bet
     """Per-row losses ``ℓ_i = Σ_j W_ij·softplus(−(x_i − y_j))`` (or weights inside), fused; see the
     module docstring. ``kind``: ``"sigmoid"`` (RPO) or ``"orpo"`` (ORRPO, without its SFT term)."""
     return RPORows.apply(mw, ml, rw, rl, weights, win_emb, lose_emb, kind, tau, beta, weight_inside)
-
-
-# ----------------------------------------------------------------------------------------------
-# Global batch: the losers of every rank.
-# ----------------------------------------------------------------------------------------------
-
-
-def gather_constant(x: torch.Tensor, group) -> torch.Tensor:
-    """All ranks' ``x`` concatenated along dim 0 (rank order); no gradient."""
-    import torch.distributed as dist
-
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.detach().contiguous(), group=group)
-    return torch.cat(parts)
-
-
-def gather_losers(model_err_lose: torch.Tensor, ref_err_lose: torch.Tensor, group):
-    """The losers' errors of every rank, ``(world·M,)`` each. e_θ goes through the autograd-aware
-    ``torch.distributed.nn.functional.all_gather``: its backward sums every rank's gradient for this
-    rank's slice (reduce-scatter; all-to-all on gloo), so the gradient that reaches this rank's
-    ``model_pred`` is that of the sum of all ranks' losses."""
-    import torch.distributed.nn.functional as dist_nn
-
-    ml_all = torch.cat(dist_nn.all_gather(model_err_lose, group=group))
-    return ml_all, gather_constant(ref_err_lose, group)

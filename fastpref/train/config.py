@@ -38,7 +38,7 @@ class TrainConfig:
     dataloader_num_workers: int = 0
     # -- objective
     loss: str = "dmpo"
-    beta: float | None = None  # None: the loss function's own default (dpo 5000, dmpo 2000, …)
+    beta: float | None = None  # None: the loss's default (dpo 5000, dmpo 2000, ipo 0.1, …)
     alpha: float = 0.01  # DMPO's α
     reference_mode: str = "auto"
     ref_cache: str | None = None  # --reference_mode cache: file from python -m fastpref.train.ref

@@ -38,9 +38,18 @@ def _beta(cfg) -> dict:
     return {} if cfg.beta is None else {"beta": cfg.beta}
 
 
+#: --loss ipo's β when --beta is not given. IPO's β is its τ: ℓ = (h − 1/(2β))² pulls the margin h
+#: towards 1/(2β), so DPO's β = 5000 gives a ~1e-8 loss and no gradient to speak of. 0.1 is the IPO
+#: default of TRL (DPOConfig.beta, loss_type="ipo").
+IPO_DEFAULT_BETA = 0.1
+
+
 def _dpo(kind: str):
+    default = {"beta": IPO_DEFAULT_BETA} if kind == "ipo" else {}
+
     def call(model_pred, ref, target, cfg):
-        return fastpref.dpo_loss(model_pred, target=target, kind=kind, return_stats=True, **ref, **_beta(cfg))
+        return fastpref.dpo_loss(model_pred, target=target, kind=kind, return_stats=True, **ref,
+                                 **{**default, **_beta(cfg)})  # fmt: skip
 
     return call
 
@@ -74,7 +83,7 @@ def _build() -> dict[str, Objective]:
     table = [
         ("dpo", "dpo_loss", _dpo("sigmoid"), True, "Diffusion-DPO, −log σ(u)"),
         ("dpo_hinge", "dpo_loss", _dpo("hinge"), True, "hinge relu(1 − u)"),
-        ("ipo", "dpo_loss", _dpo("ipo"), True, "IPO on error differences (β plays τ)"),
+        ("ipo", "dpo_loss", _dpo("ipo"), True, "IPO on error differences (β plays τ; default 0.1)"),
         ("dmpo", "dmpo_loss", _dmpo, True, "DMPO, KL(Bern σ(u) ‖ Bern(1 − α))"),
         ("mapo", "mapo_loss", _mapo, False, "MaPO, reference-free"),
         ("orpo", "orpo_loss", _orpo, False, "ORPO, reference-free"),
