@@ -51,19 +51,6 @@ def test_the_blocker_blocks():
     assert result == {"imported": False}
 
 
-def test_import_fastpref_touches_no_triton():
-    result = run_without_triton("""
-        import fastpref, fastpref.losses, fastpref.reference, fastpref.stats, fastpref.clip
-        import fastpref.ops, fastpref.ops.family, fastpref.ops.library, fastpref.ops.cpp
-        import fastpref.ops.extension, fastpref.ops.distributed
-        result = {"triton_loaded": any(m == "triton" or m.startswith("triton.") for m in sys.modules),
-                  "available": fastpref.ops.triton_available(), "losses": sorted(fastpref.__all__)}
-    """)
-    assert result["triton_loaded"] is False
-    assert result["available"] is False
-    assert "dpo_loss" in result["losses"]
-
-
 # Every public loss with backend="auto" and backend="torch": same value, a finite gradient; the
 # backend auto resolved to for the pair family ("cpu" where the C++ extension builds, else "torch").
 EVERY_LOSS = """
@@ -91,7 +78,7 @@ calls = {
     "kto": lambda m, be: fastpref.kto_loss(m, ref, tgt, labels, beta=50.0, backend=be),
     "rpo": lambda m, be: fastpref.rpo_loss(m, ref, tgt, beta=50.0, win_emb=emb, lose_emb=emb, backend=be),
 }
-result = {"auto_backend": resolve_backend("auto", m0.device)}
+result = {"auto_backend": resolve_backend("auto", m0.device), "losses": {}}
 for name, fn in calls.items():
     out = {}
     for be in ("auto", "torch"):
@@ -99,19 +86,36 @@ for name, fn in calls.items():
         loss = fn(m, be)
         loss.backward()
         out[be] = (loss.item(), m.grad.abs().sum().item(), bool(torch.isfinite(m.grad).all()), str(loss.dtype))
-    result[name] = out
+    result["losses"][name] = out
+try:
+    fastpref.dpo_loss(m0, ref, tgt, backend="triton")
+    result["explicit_triton"] = None
+except ValueError as e:
+    result["explicit_triton"] = str(e)
+import fastpref.clip, fastpref.ops.cpp, fastpref.ops.distributed, fastpref.ops.extension, fastpref.ops.family
+import fastpref.ops.library, fastpref.reference, fastpref.stats
+result["triton_available"] = fastpref.ops.triton_available()
 result["triton_loaded"] = any(k == "triton" or k.startswith("triton.") for k in sys.modules)
 """
 
 
-@pytest.mark.parametrize("interpret", ["0", "1"], ids=["plain", "TRITON_INTERPRET=1"])
-def test_every_loss_runs_on_auto_without_triton(interpret):
-    """TRITON_INTERPRET=1 asks for the Triton interpreter; without triton, auto must still fall back."""
-    result = run_without_triton(EVERY_LOSS, interpret=interpret)
-    assert result.pop("triton_loaded") is False
-    assert result.pop("auto_backend") in ("cpu", "torch")
-    assert len(result) == 10
-    for name, out in result.items():
+@pytest.fixture(scope="module", params=["0", "1"], ids=["plain", "TRITON_INTERPRET=1"])
+def no_triton_run(request):
+    """One interpreter per setting; TRITON_INTERPRET=1 asks for the Triton interpreter, which without
+    triton must fall back just the same."""
+    return run_without_triton(EVERY_LOSS, interpret=request.param)
+
+
+def test_import_fastpref_touches_no_triton(no_triton_run):
+    assert no_triton_run["triton_loaded"] is False
+    assert no_triton_run["triton_available"] is False
+
+
+def test_every_loss_runs_on_auto_without_triton(no_triton_run):
+    assert no_triton_run["auto_backend"] in ("cpu", "torch")
+    losses = no_triton_run["losses"]
+    assert len(losses) == 10
+    for name, out in losses.items():
         (auto, gauto, finite, dt_auto), (ref, gref, _, dt_ref) = out["auto"], out["torch"]
         assert finite, name
         assert dt_auto == dt_ref == "torch.float32", (name, dt_auto, dt_ref)
@@ -120,14 +124,5 @@ def test_every_loss_runs_on_auto_without_triton(interpret):
         assert gref > 0, name
 
 
-def test_explicit_triton_backend_says_why_without_triton():
-    result = run_without_triton("""
-        import torch, fastpref
-        x = torch.randn(4, 3)
-        try:
-            fastpref.dpo_loss(x, x.clone(), torch.zeros(4, 3), backend="triton")
-            result = {"raised": None}
-        except ValueError as e:
-            result = {"raised": str(e)}
-    """, interpret="1")
-    assert result["raised"] is not None and "triton" in result["raised"]
+def test_explicit_triton_backend_says_why_without_triton(no_triton_run):
+    assert no_triton_run["explicit_triton"] is not None and "triton" in no_triton_run["explicit_triton"]
