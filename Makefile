@@ -22,7 +22,8 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# DMPO's 2-D study (seed 002 §5.1) on the CPU: table, CSV and PNG; the last line names the folder.
+# DMPO's 2-D study (Li et al., 2025, arXiv:2507.07510, §5.1) on the CPU: table, CSV and PNG;
+# the last line names the folder.
 demo: $(STAMP)
 	$(PY) -m fastpref.demos.toy2d
 

@@ -1,4 +1,5 @@
-"""Diffusion-RPO M×M benchmark (seed 004 eq. 9): M winners against M losers with CLIP weights.
+"""Diffusion-RPO M×M benchmark (Gu et al., 2024, arXiv:2406.06382, eq. 9): M winners against M losers
+with CLIP weights.
 
     W = softmax_j(−(1 − cos(a_i, b_j))/τ),   L = −(1/M)·Σ_ij W_ij·log σ(u_ij)
 

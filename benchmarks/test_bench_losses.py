@@ -32,7 +32,7 @@ def device() -> torch.device:
 
 @pytest.fixture(scope="session")
 def available(device):
-    """Providers discovered on this device (probed once per session) and the reasons for the rest."""
+    """Providers discovered on this device (probed once per pytest run) and the reasons for the rest."""
     found, skipped = harness.discover_providers(device)
     return {p.name: p for p in found}, skipped
 

@@ -1,4 +1,5 @@
-"""CLIP embeddings of (image, prompt) samples for Diffusion-RPO's weight matrix (seed 004 §2.1).
+"""CLIP embeddings of (image, prompt) samples for Diffusion-RPO's weight matrix (Gu et al., 2024,
+arXiv:2406.06382, §2.1).
 
 Diffusion-RPO compares winner i with loser j through ``f(image, prompt)``, a CLIP embedding of the
 image and its prompt. This module computes it with any open_clip model (``pretrained=None`` builds
@@ -31,7 +32,7 @@ def _combine(img: torch.Tensor, txt: torch.Tensor, combiner: Combiner) -> torch.
         out = combiner(img, txt)
         if not isinstance(out, torch.Tensor) or out.shape[0] != img.shape[0]:
             raise ValueError(f"combiner must return a ({img.shape[0]}, K) tensor, got {getattr(out, 'shape', out)}")
-    elif combiner == "mean":  # the normalised mean of the normalised embeddings (DESIGN §3 default)
+    elif combiner == "mean":  # the normalised mean of the normalised embeddings (the default)
         out = img + txt
     elif combiner == "image":
         out = img

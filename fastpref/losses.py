@@ -197,7 +197,8 @@ def resolve_backend(backend: str, device: torch.device, loss: str | None = None)
     in_cpp = loss is None or loss in CPP_LOSSES
     if backend in ("cpu", "cuda"):
         if not in_cpp:
-            name = {"rpo": "rpo_loss", "orrpo": "orpo_loss with weights or embeddings (ORRPO)"}.get(loss, f"{loss}_loss")
+            names = {"rpo": "rpo_loss", "orrpo": "orpo_loss with weights or embeddings (ORRPO)"}
+            name = names.get(loss, f"{loss}_loss")
             raise ValueError(f"{name} has no {backend!r} backend (the C++ extension implements "
                              f"{', '.join(CPP_LOSSES)}); use backend='auto', 'triton' or 'torch'")  # fmt: skip
         if device.type != backend:
@@ -492,8 +493,9 @@ def kto_loss(
              beta=beta, lambda_desirable=lambda_desirable, lambda_undesirable=lambda_undesirable)  # fmt: skip
     if return_stats:
         z = torch.clamp((r.ref_err - r.model_err).mean(), min=0.0)
-        return r.loss, KTOStats(implicit_reward=r.u.detach(), reference_point=z.detach(), model_err=r.model_err.detach(),
-                                ref_err=r.ref_err.detach(), desirable=labels.detach() != 0)  # fmt: skip
+        return r.loss, KTOStats(implicit_reward=r.u.detach(), reference_point=z.detach(),
+                                model_err=r.model_err.detach(), ref_err=r.ref_err.detach(),
+                                desirable=labels.detach() != 0)  # fmt: skip
     return r.loss
 
 

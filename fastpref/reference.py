@@ -1,17 +1,28 @@
-"""The specification: every fastpref loss in plain PyTorch.
+"""The specification: every fastpref loss in plain PyTorch, with the conventions the kernels share.
 
 Each function here is the readable, upcast (fp32, or fp64 for fp64 input) form of one equation; the
 fused kernels in :mod:`fastpref.ops` are tested against these, and ``backend="torch"`` runs them.
+``docs/losses.md`` has the same math with the mapping to each public training script.
 
-Conventions (``shared/DESIGN.md`` §1):
+Conventions:
 
-* A batch of B preference pairs is stacked **winners first, then losers**: ``(2B, *S)`` with rows
-  ``[w_0 … w_{B-1}, l_0 … l_{B-1}]``.
-* Per-sample error ``e[k] = mean_S (pred[k] − target[k])²`` (a mean over the D = |S| elements).
+* **Batch layout.** A batch of B preference pairs is stacked **winners first, then losers**:
+  ``(2B, *S)`` with rows ``[w_0 … w_{B-1}, l_0 … l_{B-1}]`` — ``torch.cat([pred_w, pred_l])``, the
+  layout of the diffusers and Salesforce Diffusion-DPO scripts (their ``.chunk(2)``). Diffusion-DRO
+  puts the expert sample in the winner slot; Diffusion-KTO takes N unpaired rows with labels.
+* **Per-sample error.** ``e[k] = mean_S (pred[k] − target[k])²``, a **mean** over the D = |S|
+  elements (not a sum), as the public scripts' ``mse_loss(..., reduction="none").mean(dims)``.
 * ``target`` is ``(2B, *S)``, or ``(B, *S)`` when a pair shares it (shared noise, ε-prediction).
-* The implicit reward margin is ``u_i = −½·β·(Δθ_i − Δref_i)`` with ``Δ_i = e[w_i] − e[l_i]``;
-  the ½ is that of Diffusion-DPO eq. 9 and the Salesforce code, so the published β hold
-  (Diffusion-DPO 5000, DMPO 2000 on SD1.5).
+* **β convention.** The implicit reward margin is ``u_i = −½·β·(Δθ_i − Δref_i)`` with
+  ``Δ_i = e[w_i] − e[l_i]``; the ½ is that of Diffusion-DPO eq. 9 (Wallace et al., 2023,
+  arXiv:2311.12908) and of the Salesforce code (``scale_term = −0.5·beta_dpo``), so the published β
+  hold as they are (Diffusion-DPO 5000, DMPO 2000 on SD1.5). A script without the ½ — the diffusers
+  SD1.5 ``train_diffusion_dpo.py``, ``logsigmoid(beta_dpo·(ref_diff − model_diff))`` — has
+  ``β = 2·beta_dpo``. IPO's β is its τ (target margin ``1/(2β)``), not a DPO β.
+* **Reduction.** ``"mean"`` averages over pairs (over samples for KTO; over the global batch for
+  RPO across ranks), ``"sum"`` adds them, ``"none"`` returns one loss per pair (sample, row).
+* **Dtype.** Errors, margins and losses are computed in fp32 (fp64 when an input is fp64), never in
+  half precision; every backend returns that dtype.
 """
 
 from __future__ import annotations
@@ -90,7 +101,7 @@ def ipo(u: torch.Tensor, beta: float) -> torch.Tensor:
 
 
 def dmpo(u: torch.Tensor, alpha: float) -> torch.Tensor:
-    """DMPO (seed 002 eq. 14): ``KL(Bern σ(u) ‖ Bern(1−α))``.
+    """DMPO (Li et al., 2025, arXiv:2507.07510, eq. 14): ``KL(Bern σ(u) ‖ Bern(1−α))``.
 
     ``ℓ = σ(u)·log(σ(u)/(1−α)) + σ(−u)·log(σ(−u)/α)``, evaluated as
     ``σ(u)·(−softplus(−u) − log(1−α)) + σ(−u)·(−softplus(u) − log α)`` so |u| = 1e4 stays finite.
@@ -145,7 +156,7 @@ def pair_loss_ref(
 
 
 # ----------------------------------------------------------------------------------------------
-# The rest of the loss family (shared/DESIGN.md §2–§3). Each takes the upcast per-sample errors
+# The rest of the loss family. Each takes the upcast per-sample errors
 # from :func:`pair_errors`; the fused kernels are tested against these.
 # ----------------------------------------------------------------------------------------------
 
@@ -184,7 +195,7 @@ def mapo_f(x: torch.Tensor, snr_value: float) -> torch.Tensor:
 
 
 def mapo(model_err: torch.Tensor, beta: float, snr_value: float, num_train_timesteps: float):
-    """MaPO (seed 000; the mapo ``compute_loss``), reference-free. Per pair
+    """MaPO (Hong et al., 2024, arXiv:2406.06424; the mapo ``compute_loss``), reference-free. Per pair
 
         u_i = T·(f(e_θ[w_i]) − f(e_θ[l_i])),   ℓ_i = e_θ[w_i] + β_M·softplus(−u_i)
 
@@ -207,15 +218,15 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 
 def orpo_log_odds(err: torch.Tensor, beta: float) -> torch.Tensor:
-    """Log-odds of a sample under the Gaussian-likelihood proxy ``log p = −½·β·e`` (seed 004 App. C):
-    ``log(p / (1 − p)) = −½βe − log(1 − e^{−½βe})``. With β = D (the number of latent elements) this
+    """Log-odds of a sample under the Gaussian-likelihood proxy ``log p = −½·β·e`` (Diffusion-RPO
+    paper, Gu et al., 2024, arXiv:2406.06382, App. C): ``log(p / (1 − p)) = −½βe − log(1 − e^{−½βe})``. With β = D (the number of latent elements) this
     is the appendix's ``exp(−½‖ε − ε_θ‖²)`` on summed errors."""
     x = 0.5 * beta * err
     return -x - _log1mexp(x)
 
 
 def orpo(model_err: torch.Tensor, beta: float, lambda_orpo: float):
-    """Diffusion-ORPO (seed 004 App. C, eq. 16 with the diffusion likelihood proxy). Per pair
+    """Diffusion-ORPO (arXiv:2406.06382 App. C, eq. 16 with the diffusion likelihood proxy). Per pair
 
         r_i = log odds(w_i) − log odds(l_i),   ℓ_i = e_θ[w_i] + λ·softplus(−r_i)
 
@@ -246,7 +257,7 @@ def kto(model_err, ref_err, labels, beta: float, lambda_desirable: float, lambda
 
 
 def dro(model_err: torch.Tensor, ref_err: torch.Tensor, margin_m: float):
-    """Diffusion-DRO (seed 003; DiffusionDRO): hinge ranking of expert vs online samples
+    """Diffusion-DRO (Wu et al., 2025, arXiv:2510.18353): hinge ranking of expert vs online samples
 
         d_i = (e_θ − e_ref)[expert_i] − (e_θ − e_ref)[online_i],   ℓ_i = relu(d_i + m)
 
@@ -258,7 +269,7 @@ def dro(model_err: torch.Tensor, ref_err: torch.Tensor, margin_m: float):
 
 
 def clip_pair_weights_ref(win_emb: torch.Tensor, lose_emb: torch.Tensor, tau: float) -> torch.Tensor:
-    """Diffusion-RPO weight matrix (seed 004 §2.1): ``W_ij = W̃_ij / Σ_j' W̃_ij'``,
+    """Diffusion-RPO weight matrix (arXiv:2406.06382 §2.1): ``W_ij = W̃_ij / Σ_j' W̃_ij'``,
     ``W̃_ij = exp(−d_ij/τ)``, ``d_ij = 1 − cos(a_i, b_j)`` — a row softmax of ``−d/τ`` (stable: the
     row max is subtracted). ``(M, K) × (N, K) → (M, N)``, upcast, no gradient."""
     dt = compute_dtype(win_emb, lose_emb)
@@ -272,8 +283,8 @@ def clip_pair_weights_ref(win_emb: torch.Tensor, lose_emb: torch.Tensor, tau: fl
 def rpo_pairwise(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor, weight_inside: bool) -> torch.Tensor:
     """Per-row losses of the weighted M×N pairwise matrix with ``u_ij = a_i − b_j``:
 
-    * weights outside (seed 004 eq. 9): ``ℓ_i = Σ_j W_ij·softplus(−u_ij)``,
-    * weights inside (seed 004 eq. 15, the earlier RPO): ``ℓ_i = (1/N)·Σ_j softplus(−W_ij·u_ij)``.
+    * weights outside (arXiv:2406.06382 eq. 9): ``ℓ_i = Σ_j W_ij·softplus(−u_ij)``,
+    * weights inside (eq. 15 there, the earlier RPO): ``ℓ_i = (1/N)·Σ_j softplus(−W_ij·u_ij)``.
     """
     u = a[:, None] - b[None, :]
     w = weights.to(u.dtype)
@@ -283,7 +294,7 @@ def rpo_pairwise(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor, weight
 
 
 def rpo(model_err, ref_err, weights, beta: float, weight_inside: bool = False):
-    """Diffusion-RPO (seed 004 eq. 9): winner i against loser j for every i, j of the batch,
+    """Diffusion-RPO (Gu et al., 2024, arXiv:2406.06382, eq. 9): winner i against loser j for every i, j of the batch,
 
         u_ij = −½β·((e_θ[w_i] − e_ref[w_i]) − (e_θ[l_j] − e_ref[l_j])),
         L    = −(1/M)·Σ_i Σ_j W_ij·log σ(u_ij)   (weights outside log σ)
@@ -298,7 +309,7 @@ def rpo(model_err, ref_err, weights, beta: float, weight_inside: bool = False):
 
 
 def orrpo(model_err, weights, beta: float, lambda_orpo: float, weight_inside: bool = False):
-    """Diffusion-ORRPO (seed 004 App. C): ``ℓ_i = e_θ[w_i] + λ·Σ_j W_ij·softplus(−r_ij)`` with
+    """Diffusion-ORRPO (arXiv:2406.06382 App. C): ``ℓ_i = e_θ[w_i] + λ·Σ_j W_ij·softplus(−r_ij)`` with
     ``r_ij = log odds(w_i) − log odds(l_j)`` (:func:`orpo_log_odds`). ``W = I`` gives :func:`orpo`."""
     mw, ml = model_err.chunk(2)
     pair = rpo_pairwise(orpo_log_odds(mw, beta), orpo_log_odds(ml, beta), weights, weight_inside)

@@ -294,7 +294,7 @@ def test_orpo_gradient_favours_the_winner(device):
 
 
 def test_orpo_default_beta_is_the_summed_error_likelihood(device):
-    """beta=None: log p = −½·‖ε − ε_θ‖² on summed errors (seed 004 App. C), i.e. β = D."""
+    """beta=None: log p = −½·‖ε − ε_θ‖² on summed errors (Diffusion-RPO paper, App. C), i.e. β = D."""
     model_pred, _, target, _ = make_pairs(2, (3, 4), torch.float64, device)
     d = model_pred[0].numel()
     got = fastpref.orpo_loss(model_pred, target, backend="torch")

@@ -1,4 +1,5 @@
-"""DMPO's 2-D study (seed 002 §5.1), reproduced on a CPU with numbers instead of a picture.
+"""DMPO's 2-D study (Li et al., 2025, arXiv:2507.07510, §5.1), reproduced on a CPU with numbers
+instead of a picture.
 
 A small MLP ε-prediction diffusion model is pretrained on N((3,3), 2·I). Preference pairs take the
 winner from the 6:4 mixture of N((4.3,4.3), I) and N((1.8,1.8), I) and the loser from
@@ -44,7 +45,7 @@ from tqdm.auto import tqdm
 
 import fastpref
 
-# The distributions of seed 002 §5.1 ("variance 2" / "variance 1": isotropic covariances 2·I and I).
+# The distributions of the DMPO paper's §5.1 ("variance 2" / "variance 1": isotropic covariances 2·I and I).
 PRETRAIN_MEAN = (3.0, 3.0)
 PRETRAIN_VAR = 2.0
 PREF_MEANS = ((4.3, 4.3), (1.8, 1.8))  # dominant mode first
@@ -217,7 +218,7 @@ def _pair_losses(cfg: Config) -> dict:
         return F.mse_loss(pred[: noise.shape[0]], noise), None
 
     table = {"sft": (False, sft), "dpo": (True, dpo), "dmpo": (True, dmpo)}
-    if hasattr(fastpref, "mapo_loss"):  # reference-free (seed 000); its own published defaults
+    if hasattr(fastpref, "mapo_loss"):  # reference-free (MaPO); its own published defaults
         params = inspect.signature(fastpref.mapo_loss).parameters
 
         def mapo(pred, ref, noise):
@@ -230,7 +231,7 @@ def _pair_losses(cfg: Config) -> dict:
 
 def finetune(cfg: Config, seed: int, method: str, pretrained: NoiseMLP, log_rows: list) -> NoiseMLP:
     """Fine-tune a copy of ``pretrained`` on preference pairs with one loss; the reference is the
-    frozen ``pretrained`` itself. A pair shares its noise and timestep (seed 002 App. B.3)."""
+    frozen ``pretrained`` itself. A pair shares its noise and timestep (the DMPO paper's App. B.3)."""
     needs_ref, loss_fn = _pair_losses(cfg)[method]
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(10_000 + seed)  # same pairs, noise and t for every method
@@ -466,7 +467,7 @@ def run(cfg: Config) -> dict:
     _write_csv(out / "train_log.csv", log_rows)
     n_seeds = len(cfg.seeds)
     header = (
-        f"DMPO 2-D study (seed 002 §5.1), {cfg.n_samples} samples per model, mean ± std over {n_seeds} "
+        f"DMPO 2-D study (arXiv:2507.07510 §5.1), {cfg.n_samples} samples per model, mean ± std over {n_seeds} "
         f"seed(s) {list(cfg.seeds)}; β_DPO = {cfg.beta_dpo:g}, β_DMPO = {cfg.beta_dmpo:g}, α = {cfg.alpha:g}, "
         f"{cfg.finetune_steps} fine-tuning steps × {cfg.pairs_per_batch} pairs, lr {cfg.finetune_lr:g}.\n"
         f"Regions: nearest centre within {REGION_RADIUS:g}. Preferred-mixture rows are the data itself.\n\n"

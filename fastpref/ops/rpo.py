@@ -1,6 +1,8 @@
-"""Diffusion-RPO's weighted pairwise matrix, fused (Triton), and its cross-rank gather.
+"""Diffusion-RPO's weighted pairwise matrix, fused (Triton); the cross-rank gather is in
+:mod:`fastpref.ops.distributed`.
 
-Math (``shared/DESIGN.md`` §3, seed 004 eq. 9; the readable form is :func:`fastpref.reference.rpo`)::
+Math (Diffusion-RPO, Gu et al., 2024, arXiv:2406.06382, eq. 9; the readable form is
+:func:`fastpref.reference.rpo`)::
 
     s_ij = −d_ij/τ = (cos(a_i, b_j) − 1)/τ           a_i, b_j: winner / loser embeddings (normalised)
     W_ij = exp(s_ij − lse_i),  lse_i = log Σ_j exp(s_ij)               (row-normalised, no gradient)

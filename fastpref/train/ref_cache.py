@@ -9,7 +9,7 @@ During training the loss takes ``ref_err=`` instead of ``ref_pred`` and no refer
 memory. The trainer must draw its noise with the same function for the cached errors to be the
 errors of its noisy latents.
 
-Noising (DESIGN §1; each pair shares noise and timestep):
+Noising (each pair shares noise and timestep):
 
 * DDPM (``UNet2DConditionModel``): ``x_t = scheduler.add_noise(x0, ε, t)``, target ``ε``
   (``epsilon``) or ``scheduler.get_velocity(x0, ε, t)`` (``v_prediction``); ``t`` uniform in

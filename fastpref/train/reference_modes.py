@@ -1,4 +1,4 @@
-"""Reference modes: how a training step gets the frozen reference's prediction (DESIGN §5).
+"""Reference modes: how a training step gets the frozen reference's prediction.
 
 Every preference loss compares the policy's per-sample error with a frozen reference's on the
 same noisy latents. The public trainers run the reference as a second model call every step. This
