@@ -219,8 +219,8 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 def orpo_log_odds(err: torch.Tensor, beta: float) -> torch.Tensor:
     """Log-odds of a sample under the Gaussian-likelihood proxy ``log p = −½·β·e`` (Diffusion-RPO
-    paper, Gu et al., 2024, arXiv:2406.06382, App. C): ``log(p / (1 − p)) = −½βe − log(1 − e^{−½βe})``. With β = D (the number of latent elements) this
-    is the appendix's ``exp(−½‖ε − ε_θ‖²)`` on summed errors."""
+    paper, Gu et al., 2024, arXiv:2406.06382, App. C): ``log(p / (1 − p)) = −½βe − log(1 − e^{−½βe})``.
+    With β = D (the number of latent elements) this is the appendix's ``exp(−½‖ε − ε_θ‖²)`` on summed errors."""
     x = 0.5 * beta * err
     return -x - _log1mexp(x)
 
