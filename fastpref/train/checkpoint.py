@@ -162,7 +162,7 @@ def load_checkpoint(accelerator, resume_from: str, output_dir: str, expected: di
                              "pass another checkpoint or 'latest'")
     with open(os.path.join(path, STATE_FILE)) as fh:
         state = json.load(fh)
-    differ = {k: state.get(k) for k, v in expected.items() if state.get(k) != v}
+    differ = {k: state[k] for k, v in expected.items() if k in state and state[k] != v}
     if differ:
         written = " ".join(f"--{k} {v}" for k, v in differ.items())
         raise ValueError(f"--resume_from_checkpoint {path}: it was written with {written}; resume with the same settings")

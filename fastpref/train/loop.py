@@ -259,9 +259,12 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
     updates_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
     reference.check_covers(len(dataset), math.ceil(cfg.max_train_steps / updates_per_epoch))  # cache: refuse now
     global_step, corrupt_total = 0, 0
+    # the data position is counted in optimizer steps: a resume needs the same batch geometry
+    resume_must_match = {"loss": cfg.loss, "lora_rank": cfg.lora_rank, "train_batch_size": cfg.train_batch_size,
+                         "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "num_processes": world}
     if cfg.resume_from_checkpoint:
         state = load_checkpoint(accelerator, cfg.resume_from_checkpoint, cfg.output_dir,
-                                expected={"loss": cfg.loss, "lora_rank": cfg.lora_rank})
+                                expected=resume_must_match)
         if state is not None:
             global_step, corrupt_total = state["global_step"], state.get("corrupt_images", 0)
 
@@ -373,9 +376,9 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
                                          acc=f"{row.get('implicit_accuracy', float('nan')):.2f}")
             pending, pairs_in_update, t_update = [], 0, time.perf_counter()
             if global_step % cfg.checkpointing_steps == 0:
-                save_checkpoint(accelerator, cfg.output_dir, global_step, {
-                    "loss": cfg.loss, "seed": cfg.seed, "lora_rank": cfg.lora_rank, "corrupt_images": corrupt_total},
-                    total_limit=cfg.checkpoints_total_limit)
+                save_checkpoint(accelerator, cfg.output_dir, global_step,
+                                {**resume_must_match, "seed": cfg.seed, "corrupt_images": corrupt_total},
+                                total_limit=cfg.checkpoints_total_limit)
             if cfg.validation_steps and global_step % cfg.validation_steps == 0:
                 evaluate(global_step)
             if global_step >= cfg.max_train_steps:

@@ -121,3 +121,23 @@ def test_accelerate_launch_cpu_says_it_runs_one_process(monkeypatch):
     with pytest.warns(UserWarning, match=r"one process: `accelerate launch --cpu`.*torchrun --nproc_per_node N"):
         accelerator = build_accelerator()
     assert accelerator.num_processes == 1
+
+
+def test_the_start_line_comes_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """Processes, device, model, loss, data and skips are on the console before anything slow starts."""
+    from fastpref.train import TrainConfig, loop, train
+
+    def load_model(*args, **kwargs):
+        raise RuntimeError("the model is being loaded")
+
+    monkeypatch.setattr(loop, "load_model", load_model)
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), synthetic_size=8, eval_pairs=2, train_batch_size=2,
+                      gradient_accumulation_steps=3, lora_rank=4, loss="dmpo", report_to="csv")
+    with pytest.raises(RuntimeError, match="the model is being loaded"):
+        train(cfg)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1
+    assert re.fullmatch(
+        r"fastpref-train: 1 process on (cpu|cuda\S*); model fastpref:tiny-unet \(LoRA r=4, reference adapter_off\); "
+        r"loss dmpo; data synthetic: 6 training pairs, 2 held out, skipped: none; 6 pairs per update "
+        rf"\(2 × 3 accumulated × 1\); output {re.escape(cfg.output_dir)}", lines[0]), lines[0]

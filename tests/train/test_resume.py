@@ -109,6 +109,16 @@ def test_latest_skips_an_incomplete_checkpoint_with_a_warning(tmp_path, straight
                      gradient_accumulation_steps=2), model=tiny())
 
 
+def test_resume_with_another_batch_geometry_is_refused(tmp_path, straight):
+    """The position in the data is counted in optimizer steps: other accumulation, other position."""
+    base, _ = straight("lora-accum2")
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(os.path.join(base.output_dir, "checkpoint-1"), run / "checkpoint-1")
+    with pytest.raises(ValueError, match=r"checkpoint-1: it was written with --gradient_accumulation_steps 2; resume"):
+        train(config(run, max_train_steps=3, resume_from_checkpoint="latest", lora_rank=4), model=tiny())
+
+
 def test_checkpoint_problems_sees_truncated_and_unreadable_files(tmp_path):
     folder = tmp_path / "checkpoint-5"
     folder.mkdir()
