@@ -165,7 +165,8 @@ def load_checkpoint(accelerator, resume_from: str, output_dir: str, expected: di
     differ = {k: state[k] for k, v in expected.items() if k in state and state[k] != v}
     if differ:
         written = " ".join(f"--{k} {v}" for k, v in differ.items())
-        raise ValueError(f"--resume_from_checkpoint {path}: it was written with {written}; resume with the same settings")
+        raise ValueError(f"--resume_from_checkpoint {path}: it was written with {written}; "
+                         "resume with the same settings")
     accelerator.load_state(path)
     accelerator.print(f"resumed from {path} at step {state['global_step']}")
     return state

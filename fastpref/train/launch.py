@@ -77,6 +77,7 @@ def start_line(accelerator, cfg, *, model_name: str, reference: str, train_pairs
     what = f"LoRA r={cfg.lora_rank}" if cfg.is_lora else "full fine-tune"
     skips = ", ".join(f"{v} {k}" for k, v in skipped.items()) or "none"
     return (f"fastpref-train: {procs} on {accelerator.device}; model {model_name} ({what}, reference {reference}); "
-            f"loss {cfg.loss}; data {cfg.dataset}: {train_pairs} training pairs, {eval_pairs} held out, skipped: {skips}; "
+            f"loss {cfg.loss}; data {cfg.dataset}: {train_pairs} training pairs, {eval_pairs} held out, "
+            f"skipped: {skips}; "
             f"{per_update} pairs per update ({cfg.train_batch_size} × {cfg.gradient_accumulation_steps} accumulated "
             f"× {n}); output {cfg.output_dir}")

@@ -275,8 +275,8 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
     if accelerator.is_main_process:
         os.makedirs(cfg.output_dir, exist_ok=True)
         with open(os.path.join(cfg.output_dir, "run_config.json"), "w") as fh:
-            json.dump({**cfg.to_dict(), "reference_mode_resolved": mode_name, "device": str(device), "num_processes": world,
-                       "train_pairs": len(train_idx), "eval_pairs": len(eval_idx),
+            json.dump({**cfg.to_dict(), "reference_mode_resolved": mode_name, "device": str(device),
+                       "num_processes": world, "train_pairs": len(train_idx), "eval_pairs": len(eval_idx),
                        "data_skipped": dict(dataset.skipped)}, fh, indent=2)
 
     prompts = cfg.validation_prompts or (dataset.prompts() if hasattr(dataset, "prompts") else

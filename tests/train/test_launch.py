@@ -106,7 +106,8 @@ def test_processes_accelerate_does_not_join_are_refused(monkeypatch):
     """If the launcher started N processes but accelerate set up fewer, each would train alone into the
     same folder: stop, naming the command that works."""
     monkeypatch.setattr(launch, "launched_processes", lambda: 2)
-    with pytest.raises(ValueError, match=r"2 processes were launched but accelerate set up 1 .*torchrun --nproc_per_node N"):
+    refused = r"2 processes were launched but accelerate set up 1 .*torchrun --nproc_per_node N"
+    with pytest.raises(ValueError, match=refused):
         build_accelerator()
 
 

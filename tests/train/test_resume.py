@@ -52,7 +52,8 @@ def straight(tmp_path_factory, one_torch_thread):
         if name not in done:
             settings, steps = RUNS[name]
             model = tiny()
-            result = train(config(tmp_path_factory.mktemp(name) / "run", max_train_steps=steps, **settings), model=model)
+            cfg = config(tmp_path_factory.mktemp(name) / "run", max_train_steps=steps, **settings)
+            result = train(cfg, model=model)
             done[name] = result, {k: v.clone() for k, v in model.denoiser.state_dict().items()}
         return done[name]
 
