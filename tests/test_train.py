@@ -1,7 +1,7 @@
 """The trainer (fastpref.train) on tiny models built from configs, on the CPU, nothing downloaded.
 
 Every run here is a real ``train()`` call: the synthetic data set, the loss registry, LoRA and full
-fine-tuning, ε / v / flow-matching targets, checkpoints and exact resume, and the logs.
+fine-tuning, ε / v / flow-matching targets and the logs (checkpoints and resume: tests/train/test_resume.py).
 """
 
 from __future__ import annotations
@@ -154,38 +154,6 @@ def test_noise_pairs_share_noise_and_timestep(model_name):
         torch.testing.assert_close(noised.noisy, ref)
     else:
         assert noised.target.shape == (6, 3, 8, 8)
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: 2N steps straight == N steps, stop, resume to 2N (losses and weights identical)
-# ----------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("rank,accum", [(4, 2), (0, 1)])
-def test_resume_is_exact(tmp_path, rank, accum):
-    common = dict(loss="dmpo", lora_rank=rank, gradient_accumulation_steps=accum, checkpointing_steps=2,
-                  synthetic_size=20, lr_scheduler="constant_with_warmup", lr_warmup_steps=1)
-    straight = config(tmp_path / "a", max_train_steps=4, **common)
-    m_a = tiny()
-    train(straight, model=m_a)
-    interrupted = config(tmp_path / "b", max_train_steps=2, **common)
-    train(interrupted, model=tiny())
-    resumed = config(tmp_path / "b", max_train_steps=4, resume_from_checkpoint="latest", **common)
-    m_b = tiny()
-    result = train(resumed, model=m_b)
-    assert result.global_step == 4
-    rows_a = read_rows(os.path.join(straight.output_dir, "logs", "train.csv"))
-    rows_b = read_rows(os.path.join(resumed.output_dir, "logs", "train.csv"))
-    assert [r["step"] for r in rows_b] == ["1", "2", "3", "4"]
-    for key in ("loss", "u", "model_err_win", "grad_norm", "lr"):
-        assert [r[key] for r in rows_a] == [r[key] for r in rows_b], key
-    sa, sb = m_a.denoiser.state_dict(), m_b.denoiser.state_dict()
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-def test_resume_latest_without_checkpoint_starts_fresh(tmp_path):
-    result = train(config(tmp_path, max_train_steps=1, resume_from_checkpoint="latest"), model=tiny())
-    assert result.global_step == 1
 
 
 # ----------------------------------------------------------------------------------------------

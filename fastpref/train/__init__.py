@@ -1,4 +1,5 @@
-"""fastpref's trainer: ``fastpref-train`` / ``python -m fastpref.train`` (docs/trainer.md).
+"""fastpref's trainer: ``fastpref-train`` / ``python -m fastpref.train`` (docs/trainer.md; several processes:
+docs/trainer-launch.md).
 
 >>> from fastpref.train import TrainConfig, train
 >>> train(TrainConfig(loss="dmpo", max_train_steps=50, output_dir="out"))

@@ -17,9 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import resource
-import shutil
 import time
 from dataclasses import dataclass, field, fields, is_dataclass
 
@@ -28,8 +26,10 @@ import torch
 
 from fastpref.reference import pair_errors
 from fastpref.stats import implicit_accuracy
+from fastpref.train.checkpoint import load_checkpoint, register_model_hooks, save_checkpoint
 from fastpref.train.config import TrainConfig
 from fastpref.train.data import EpochSampler, build_dataset, collate_pairs
+from fastpref.train.launch import build_accelerator, start_line
 from fastpref.train.metrics import MetricsLogger, plot_curves
 from fastpref.train.models import LORA_TARGET_MODULES, DiffusionModel, frozen_copy, load_model, save_model
 from fastpref.train.objectives import get_objective
@@ -108,13 +108,6 @@ def _default_prompts(dataset, indices: list[int], n: int = 4) -> list[str]:
     return out
 
 
-def _checkpoints(output_dir: str) -> list[str]:
-    if not os.path.isdir(output_dir):
-        return []
-    names = [d for d in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", d)]
-    return [os.path.join(output_dir, d) for d in sorted(names, key=lambda d: int(d.split("-")[1]))]
-
-
 def supervised_warmup(model: DiffusionModel, dataset, indices: list[int], cfg: TrainConfig, accelerator) -> DiffusionModel:
     """``cfg.sft_steps`` steps of the plain diffusion loss (MSE to the target) on both images of every
     pair — no preference — so that preference training starts from a model that can generate the
@@ -182,20 +175,13 @@ def supervised_warmup(model: DiffusionModel, dataset, indices: list[int], cfg: T
 def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None, on_step=None) -> TrainResult:
     """Run one training job. ``model`` / ``dataset`` override what ``cfg`` names (for programmatic use);
     ``on_step(global_step, StepOutput)`` is called after every micro-batch's forward."""
-    from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
     from tqdm.auto import tqdm
 
     cfg.validate()
     objective = get_objective(cfg.loss)
     mode_name = resolve_reference_mode(cfg, objective)
-    # accelerate keeps process-wide singletons; a second train() in one process (tests, notebooks) may
-    # use another mixed precision. The distributed part (PartialState) is kept.
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-    accelerator = Accelerator(
+    accelerator = build_accelerator(  # every launched process in one job, or a ValueError saying how
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         project_config=ProjectConfiguration(project_dir=cfg.output_dir),
@@ -215,6 +201,9 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
         raise ValueError(f"--dataset has {len(train_idx)} training pairs (after holding out {n_eval} for evaluation), "
                          f"fewer than one batch (--train_batch_size {cfg.train_batch_size} × {world} processes); "
                          "use more data or a smaller --train_batch_size")
+    accelerator.print(start_line(accelerator, cfg, model_name=cfg.pretrained_model_name_or_path if model is None
+                                 else f"{type(model.denoiser).__name__} given to train()", reference=mode_name,
+                                 train_pairs=len(train_idx), eval_pairs=len(eval_idx), skipped=dict(dataset.skipped)))
 
     # ---- model -----------------------------------------------------------------------------------
     if model is None:
@@ -265,67 +254,19 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
     denoiser, optimizer, loader, lr_scheduler = accelerator.prepare(denoiser, optimizer, loader, lr_scheduler)
     model.denoiser = accelerator.unwrap_model(denoiser)
 
-    # ---- checkpoints: the model part is the LoRA adapters (peft state dict) or the full weights ----
-    def save_hook(models, weights, out_dir):
-        if accelerator.is_main_process:
-            for m in models:
-                m = accelerator.unwrap_model(m)
-                if cfg.is_lora:
-                    from peft.utils import get_peft_model_state_dict
-                    from safetensors.torch import save_file
-
-                    save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(m).items()},
-                              os.path.join(out_dir, "adapter_model.safetensors"))
-                else:
-                    m.save_pretrained(os.path.join(out_dir, "denoiser"))
-        while weights:
-            weights.pop()
-
-    def load_hook(models, in_dir):
-        while models:
-            m = accelerator.unwrap_model(models.pop())
-            if cfg.is_lora:
-                from peft.utils import set_peft_model_state_dict
-                from safetensors.torch import load_file
-
-                set_peft_model_state_dict(m, load_file(os.path.join(in_dir, "adapter_model.safetensors")))
-            else:
-                loaded = type(m).from_pretrained(os.path.join(in_dir, "denoiser"))
-                m.load_state_dict(loaded.state_dict())
-                del loaded
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-    def save_checkpoint(step: int) -> None:
-        if accelerator.is_main_process and cfg.checkpoints_total_limit is not None:
-            old = _checkpoints(cfg.output_dir)
-            for path in old[: max(0, len(old) - cfg.checkpoints_total_limit + 1)]:
-                shutil.rmtree(path)
-        path = os.path.join(cfg.output_dir, f"checkpoint-{step}")
-        accelerator.save_state(path)
-        if accelerator.is_main_process:
-            with open(os.path.join(path, "trainer_state.json"), "w") as fh:
-                json.dump({"global_step": step, "loss": cfg.loss, "seed": cfg.seed,
-                           "lora_rank": cfg.lora_rank, "corrupt_images": corrupt_total}, fh)
+    register_model_hooks(accelerator, cfg.is_lora)  # checkpoints hold the adapters or the full denoiser
 
     updates_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
     reference.check_covers(len(dataset), math.ceil(cfg.max_train_steps / updates_per_epoch))  # cache: refuse now
     global_step, corrupt_total = 0, 0
+    # the data position is counted in optimizer steps: a resume needs the same batch geometry
+    resume_must_match = {"loss": cfg.loss, "lora_rank": cfg.lora_rank, "train_batch_size": cfg.train_batch_size,
+                         "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "num_processes": world}
     if cfg.resume_from_checkpoint:
-        found = _checkpoints(cfg.output_dir)
-        path = (found[-1] if found else None) if cfg.resume_from_checkpoint == "latest" else cfg.resume_from_checkpoint
-        if path is None:
-            accelerator.print(f"--resume_from_checkpoint latest: no checkpoint in {cfg.output_dir}; starting a new run")
-        else:
-            with open(os.path.join(path, "trainer_state.json")) as fh:
-                state = json.load(fh)
-            if (state["loss"], state["lora_rank"]) != (cfg.loss, cfg.lora_rank):
-                raise ValueError(f"--resume_from_checkpoint {path}: it was written with --loss {state['loss']} "
-                                 f"--lora_rank {state['lora_rank']}; resume with the same settings")
-            accelerator.load_state(path)
+        state = load_checkpoint(accelerator, cfg.resume_from_checkpoint, cfg.output_dir,
+                                expected=resume_must_match)
+        if state is not None:
             global_step, corrupt_total = state["global_step"], state.get("corrupt_images", 0)
-            accelerator.print(f"resumed from {path} at step {global_step}")
 
     # ---- logging ---------------------------------------------------------------------------------
     log_dir = os.path.join(cfg.output_dir, "logs")
@@ -335,12 +276,8 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
         os.makedirs(cfg.output_dir, exist_ok=True)
         with open(os.path.join(cfg.output_dir, "run_config.json"), "w") as fh:
             json.dump({**cfg.to_dict(), "reference_mode_resolved": mode_name, "device": str(device),
-                       "train_pairs": len(train_idx), "eval_pairs": len(eval_idx),
+                       "num_processes": world, "train_pairs": len(train_idx), "eval_pairs": len(eval_idx),
                        "data_skipped": dict(dataset.skipped)}, fh, indent=2)
-        skipped = ", ".join(f"{v} {k}" for k, v in dataset.skipped.items()) or "none"
-        accelerator.print(f"fastpref-train: {cfg.loss} on {len(train_idx)} pairs ({len(eval_idx)} held out; "
-                          f"skipped: {skipped}), {'LoRA r=%d' % cfg.lora_rank if cfg.is_lora else 'full fine-tune'}, "
-                          f"reference {mode_name}, {model.family}/{model.prediction_type}, {device}")
 
     prompts = cfg.validation_prompts or (dataset.prompts() if hasattr(dataset, "prompts") else
                                          _default_prompts(dataset, eval_idx + train_idx))
@@ -391,7 +328,8 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
     pairs_in_update, t_update = 0, time.perf_counter()
     epoch = first_epoch
     while global_step < cfg.max_train_steps:
-        sampler.set_epoch(epoch)
+        # on the prepared loader: it re-sets its sampler's epoch from its own counter when iterated
+        loader.set_epoch(epoch)
         batches = loader
         if epoch == first_epoch and resume_batches:
             batches = accelerator.skip_first_batches(loader, resume_batches)
@@ -438,7 +376,9 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
                                          acc=f"{row.get('implicit_accuracy', float('nan')):.2f}")
             pending, pairs_in_update, t_update = [], 0, time.perf_counter()
             if global_step % cfg.checkpointing_steps == 0:
-                save_checkpoint(global_step)
+                save_checkpoint(accelerator, cfg.output_dir, global_step,
+                                {**resume_must_match, "seed": cfg.seed, "corrupt_images": corrupt_total},
+                                total_limit=cfg.checkpoints_total_limit)
             if cfg.validation_steps and global_step % cfg.validation_steps == 0:
                 evaluate(global_step)
             if global_step >= cfg.max_train_steps:
