@@ -209,7 +209,7 @@ def eager_dpo_loss(model_pred, ref_pred, target, beta):
 
 
 def eager_dmpo_loss(model_pred, ref_pred, target, beta, alpha=0.01):
-    """DMPO written the eager way (seed 002 eq. 14), as a user would add it to that script."""
+    """DMPO written the eager way (eq. 14 of the DMPO paper), as a user would add it to that script."""
     e = (model_pred.float() - target.float()).pow(2).mean(dim=[1, 2, 3])
     with torch.no_grad():
         r = (ref_pred.float() - target.float()).pow(2).mean(dim=[1, 2, 3])

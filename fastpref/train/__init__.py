@@ -1,4 +1,4 @@
-"""fastpref's trainer: ``fastpref-train`` / ``python -m fastpref.train`` (DESIGN §5).
+"""fastpref's trainer: ``fastpref-train`` / ``python -m fastpref.train``.
 
 >>> from fastpref.train import TrainConfig, train
 >>> train(TrainConfig(loss="dmpo", max_train_steps=50, output_dir="out"))

@@ -104,8 +104,9 @@ def _text_fingerprint(model) -> str:
     encoder."""
     tokenizers = [[type(t).__name__, t.model_max_length, _sha256(sorted(t.get_vocab().items()))]
                   for t in model.tokenizers]
-    return _sha256({"family": model.family, "joint_attention_dim": getattr(model.denoiser.config, "joint_attention_dim", None),
-                    "tokenizers": tokenizers, "encoders": [module_fingerprint(m) for m in model.text_encoders]})
+    joint = getattr(model.denoiser.config, "joint_attention_dim", None)  # SD3 pads the CLIP states to it
+    return _sha256({"family": model.family, "joint_attention_dim": joint, "tokenizers": tokenizers,
+                    "encoders": [module_fingerprint(m) for m in model.text_encoders]})
 
 
 def latents_fingerprint(model, dataset, rows: Sequence[int], seed: int) -> dict[str, str]:
@@ -143,7 +144,8 @@ def _check(stored: Mapping[str, str], expected: Mapping[str, str], path, what: s
     wrong = [k for k in sorted(set(stored) | set(expected)) if stored.get(k) != expected.get(k)]
     if wrong:
         details = "; ".join(f"{k}: file {stored.get(k)!r}, run {expected.get(k)!r}" for k in wrong)
-        raise ValueError(f"{os.fspath(path)} is a {what} for a different {', '.join(wrong)} than this run ({details}); {fix}")
+        raise ValueError(f"{os.fspath(path)} is a {what} for a different {', '.join(wrong)} than this run "
+                         f"({details}); {fix}")
 
 
 def _read_fingerprint(path, kind: str, what: str, fix: str) -> dict[str, str]:
@@ -177,10 +179,11 @@ def _positions(rows: torch.Tensor) -> torch.Tensor:
 
 def _lookup(pos: torch.Tensor, pair_indices, what: str) -> torch.Tensor:
     idx = torch.as_tensor(pair_indices).reshape(-1).to("cpu", torch.long)
-    where = pos[idx.clamp(0, max(len(pos) - 1, 0))] if len(pos) else torch.full_like(idx, -1)
-    bad = (idx < 0) | (idx >= len(pos)) | (where < 0)
-    if bad.any():
-        raise ValueError(f"rows {idx[bad].tolist()} are not in the {what}")
+    inside = (idx >= 0) & (idx < len(pos))
+    where = torch.full_like(idx, -1)
+    where[inside] = pos[idx[inside]]
+    if (where < 0).any():
+        raise ValueError(f"rows {idx[where < 0].tolist()} are not in the {what}")
     return where
 
 
@@ -195,15 +198,14 @@ def encode(model, batch: dict, seed: int, device) -> tuple[torch.Tensor, dict[st
     of a batch: read from ``batch["latents"]``/``batch["cond"]`` (a latent-cache batch,
     :func:`collate_cached`), else the VAE (posterior sample of row i, image j drawn with
     ``(seed, i, j)``) and the text encoders."""
-    if "latents" in batch:
+    if "latents" in batch:  # --cache_latents: no VAE, no text encoder
         pairs = batch["latents"].to(device)  # (B, 2, C, h, w)
+        latents = torch.cat([pairs[:, 0], pairs[:, 1]])
         cond = {k: v.to(device) for k, v in batch["cond"].items()}
     else:
-        pairs = batch["pixel_values"].to(device)  # (B, 2, C, H, W)
+        pixels = batch["pixel_values"].to(device)  # (B, 2, C, H, W)
+        latents = model.encode_images(torch.cat([pixels[:, 0], pixels[:, 1]]), vae_generators(seed, batch["index"]))
         cond = model.encode_prompts(batch["caption"], device)
-    latents = torch.cat([pairs[:, 0], pairs[:, 1]])
-    if "latents" not in batch:
-        latents = model.encode_images(latents, vae_generators(seed, batch["index"]))
     return latents, {k: torch.cat([v, v]) for k, v in cond.items()}  # a pair shares its prompt
 
 
@@ -230,6 +232,12 @@ class LatentCache(torch.utils.data.Dataset):
         stored = _read_fingerprint(path, LATENTS_FORMAT, "latent cache", fix)
         _check(stored, expected, path, "latent cache", fix)
         return cls(path, stored)
+
+    def __getstate__(self):  # DataLoader workers started by spawn: reopen the file there
+        return {"path": self.path, "fingerprint": self.fingerprint}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"], state["fingerprint"])
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -290,8 +298,8 @@ class RefErrorCache:
         """Refuse, before training starts, a run the cache does not cover."""
         missing = sorted(set(map(int, rows)) - set(self.rows.tolist()))
         if missing or num_epochs > self.num_epochs:
-            raise ValueError(f"the reference-error cache holds {self.rows.numel()} rows × {self.num_epochs} epochs; this "
-                             f"run needs {len(rows)} rows × {num_epochs} epochs: rerun fastpref-precompute with "
+            raise ValueError(f"the reference-error cache holds {self.rows.numel()} rows × {self.num_epochs} epochs; "
+                             f"this run needs {len(rows)} rows × {num_epochs} epochs: rerun fastpref-precompute with "
                              f"--epochs {num_epochs}")
 
     def lookup(self, pair_indices, epoch: int) -> torch.Tensor:
@@ -334,7 +342,8 @@ def precompute(model, dataset, rows: Sequence[int], *, seed: int, device, latent
     source, collate = (latents, collate_cached) if latents is not None else (dataset, collate_pairs)
     stored: dict[int, tuple] = {}  # position → (latents (2, …), cond) of the readable rows
     # errors in fp32 as pair_errors gives them (fp64 for an fp64 reference); NaN: an unreadable row
-    ref_err = torch.full((epochs, len(rows), 2), float("nan"), dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    err_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    ref_err = torch.full((epochs, len(rows), 2), float("nan"), dtype=err_dtype)
     was_training = model.denoiser.training
     model.denoiser.eval()
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype in (torch.float16, torch.bfloat16))
@@ -365,7 +374,8 @@ def precompute(model, dataset, rows: Sequence[int], *, seed: int, device, latent
             raise ValueError("precompute: no row of the dataset could be read")
         lat0, cond0 = next(iter(stored.values()))
         tensors = {"rows": rows_t, "valid": torch.tensor([p in stored for p in range(len(rows))]),
-                   "latents": torch.stack([stored[p][0] if p in stored else torch.zeros_like(lat0) for p in range(len(rows))])}
+                   "latents": torch.stack([stored[p][0] if p in stored else torch.zeros_like(lat0)
+                                           for p in range(len(rows))])}
         for n, v in cond0.items():
             tensors[f"cond.{n}"] = torch.stack([stored[p][1][n] if p in stored else torch.zeros_like(v)
                                                 for p in range(len(rows))])
@@ -428,10 +438,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_values(args, require_caches=False)
         if not (cfg.cache_latents or cfg.reference_mode == "cache"):
-            raise ValueError("nothing to precompute: give --cache_latents and/or --reference_mode cache --ref_cache PATH")
+            raise ValueError("nothing to precompute: give --cache_latents and/or --reference_mode cache "
+                             "--ref_cache PATH")
         if cfg.reference_mode == "cache" and not cfg.ref_cache:
             raise ValueError("--reference_mode cache needs --ref_cache PATH (the file to write)")
-        model = load_model(cfg.pretrained_model_name_or_path, revision=cfg.revision, weighting_scheme=cfg.weighting_scheme)
+        model = load_model(cfg.pretrained_model_name_or_path, revision=cfg.revision,
+                           weighting_scheme=cfg.weighting_scheme)
         dataset = build_dataset(cfg.dataset, resolution=cfg.resolution or 0, synthetic_size=cfg.synthetic_size,
                                 seed=cfg.seed)
     except ValueError as exc:

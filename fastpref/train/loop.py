@@ -28,10 +28,10 @@ import torch
 
 from fastpref.reference import pair_errors
 from fastpref.stats import implicit_accuracy
+from fastpref.train.cache import collate_cached, encode, latent_cache_for_run, ref_cache_for_run
 from fastpref.train.config import TrainConfig
 from fastpref.train.data import EpochSampler, build_dataset, collate_pairs
 from fastpref.train.metrics import MetricsLogger, plot_curves
-from fastpref.train.cache import collate_cached, encode, latent_cache_for_run, ref_cache_for_run
 from fastpref.train.models import LORA_TARGET_MODULES, DiffusionModel, load_model, save_model
 from fastpref.train.noise import noise_pairs
 from fastpref.train.objectives import get_objective

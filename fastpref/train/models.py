@@ -1,13 +1,13 @@
-"""Diffusion models for the trainer: load a diffusers pipeline's parts, noise a batch of pairs, predict.
+"""Diffusion models for the trainer: load a diffusers pipeline's parts, encode images and prompts, predict, sample.
 
-Two families (DESIGN §5):
+Two families:
 
 * ``unet`` — ``UNet2DConditionModel`` + CLIP text encoder + DDPM scheduler (SD1.5-style), ε- or
   v-prediction (the scheduler config's ``prediction_type``);
 * ``sd3`` — ``SD3Transformer2DModel`` + CLIP (+ CLIP-2, + T5) encoders + ``FlowMatchEulerDiscreteScheduler``:
   ``x_t = (1 − σ)·x0 + σ·ε`` and the target ``ε − x0`` (rectified flow, the SD3 recipe).
 
-A VAE is optional: without one the model works on pixels (VAE-free latents, DESIGN §6) — that is how
+A VAE is optional: without one the model works on pixels — that is how
 the embedded tiny models (``fastpref:tiny-unet``, ``fastpref:tiny-unet-v``, ``fastpref:tiny-sd3``,
 built from configs with a fixed seed, nothing downloaded) stay fast on a CPU.
 

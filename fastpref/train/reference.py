@@ -183,7 +183,8 @@ class CopyReference(_Mode):
         self.frozen = frozen
 
     def __call__(self, policy, noised, cond, batch):
-        return self.policy(policy, noised, cond), {"ref_pred": reference_prediction(self.model, self.frozen, noised, cond)}
+        ref_pred = reference_prediction(self.model, self.frozen, noised, cond)
+        return self.policy(policy, noised, cond), {"ref_pred": ref_pred}
 
 
 class CachedReference(_Mode):

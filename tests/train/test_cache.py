@@ -114,9 +114,10 @@ def test_cache_latents_runs_no_vae_or_text_encoder_and_changes_no_number(tmp_pat
     # batch: another convolution summation order): the errors agree to a few ulps (rtol 1e-6 ≈ 8·eps32), and
     # u = −½β·(four errors' difference) — and the loss, |dℓ/du| ≤ 1 — to ½β·4·(8·eps32·max e).
     col = lambda name, key: torch.tensor([float(r[key]) for r in rows[name]])  # noqa: E731
-    for key in ("model_err_win", "model_err_lose", "ref_err_win", "ref_err_lose"):
+    errors = ("model_err_win", "model_err_lose", "ref_err_win", "ref_err_lose")
+    for key in errors:
         torch.testing.assert_close(col("first", key), col("plain", key), rtol=1e-6, atol=0, msg=key)
-    max_e = max(col("plain", k).max().item() for k in ("model_err_win", "model_err_lose", "ref_err_win", "ref_err_lose"))
+    max_e = max(col("plain", k).max().item() for k in errors)
     atol = 0.5 * kw["beta"] * 4 * 8 * torch.finfo(torch.float32).eps * max_e
     for key in ("u", "loss"):
         torch.testing.assert_close(col("first", key), col("plain", key), rtol=0, atol=atol, msg=key)

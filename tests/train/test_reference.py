@@ -18,7 +18,7 @@ import torch
 import fastpref
 from fastpref.reference import pair_errors
 from fastpref.train import compute_loss, train
-from fastpref.train.cache import RefErrorCache, precompute
+from fastpref.train.cache import precompute
 from fastpref.train.data import SyntheticPreferences, collate_pairs
 from fastpref.train.models import build_tiny_model
 from fastpref.train.noise import noise_pairs
@@ -104,7 +104,8 @@ def test_batched_rows_equal_two_calls_in_fp32(tiny, name):
     data = SyntheticPreferences(4, 8)
     x0 = torch.cat([torch.stack([data[i]["pixel_values"][j] for i in range(4)]) for j in (0, 1)])
     noised = noise_pairs(model, x0, range(4), 0, SEED)
-    cond = {k: torch.cat([v, v]) for k, v in model.encode_prompts([data[i]["caption"] for i in range(4)], "cpu").items()}
+    captions = [data[i]["caption"] for i in range(4)]
+    cond = {k: torch.cat([v, v]) for k, v in model.encode_prompts(captions, "cpu").items()}
     model_pred, ref_pred = batched_policy_and_reference(model, model.denoiser, noised, cond)
     with torch.no_grad():
         want_policy = model.predict(model.denoiser, noised.noisy, noised.timesteps, cond)
