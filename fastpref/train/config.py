@@ -140,6 +140,8 @@ class TrainConfig:
                  f"--reference_mode cache needs --ref_cache PATH of an existing file (write it with "
                  f"fastpref-precompute and the run's flags, e.g. --config RUN.toml), got {self.ref_cache!r}")
         need(isinstance(self.cache_latents, bool), f"--cache_latents must be true or false, got {self.cache_latents!r}")
+        need(self.latent_cache_dir is None or (isinstance(self.latent_cache_dir, str) and self.latent_cache_dir != ""),
+             f"--latent_cache_dir must be a folder path, got {self.latent_cache_dir!r}")
         need(self.mixed_precision in MIXED_PRECISION, f"--mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
         need(self.lr_scheduler in LR_SCHEDULERS, f"--lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
         need(self.weighting_scheme in WEIGHTING_SCHEMES, f"--weighting_scheme must be one of {', '.join(WEIGHTING_SCHEMES)}, got {self.weighting_scheme!r}")

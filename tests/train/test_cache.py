@@ -230,3 +230,19 @@ def test_precompute_command_writes_the_caches_a_run_reads(tmp_path, monkeypatch,
 
     assert main(["--config", str(toml)]) == 2
     assert "nothing to precompute" in capsys.readouterr().err
+
+
+def test_cache_latents_flag_and_toml_key(tmp_path):
+    assert parse_args([]).cache_latents is False
+    assert parse_args(["--cache_latents"]).cache_latents is True
+    toml = tmp_path / "run.toml"
+    toml.write_text('cache_latents = true\nlatent_cache_dir = "shared/latents"\n')
+    cfg = parse_args(["--config", str(toml)])
+    assert (cfg.cache_latents, cfg.latent_cache_dir) == (True, "shared/latents")
+    assert parse_args(["--config", str(toml), "--no-cache_latents"]).cache_latents is False
+    toml.write_text('cache_latents = "yes"\n')
+    with pytest.raises(ValueError, match="--cache_latents must be true or false"):
+        parse_args(["--config", str(toml)])
+    toml.write_text("latent_cache_dir = 3\n")
+    with pytest.raises(ValueError, match="--latent_cache_dir must be a folder path"):
+        parse_args(["--config", str(toml)])
