@@ -358,7 +358,8 @@ def precompute(model, dataset, rows: Sequence[int], *, seed: int, device, latent
             b = len(pos)
             if latents_path is not None:
                 for k, p in enumerate(pos):
-                    stored[p] = (torch.stack([x0[k], x0[b + k]]).cpu(), {n: v[k].cpu() for n, v in cond.items()})
+                    stored[p] = (torch.stack([x0[k], x0[b + k]]).cpu(),
+                                 {n: v[k].to("cpu", copy=True) for n, v in cond.items()})  # not a view of the batch
             for epoch in range(epochs):
                 noised = noise_pairs(model, x0, batch["index"], epoch, seed)
                 with autocast:
@@ -426,9 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     --ref_cache PATH``) — computed once, e.g. on a bigger machine."""
     import sys
 
-    from fastpref.train.config import build_parser, config_from_values
-    from fastpref.train.data import build_dataset
-    from fastpref.train.models import load_model
+    from fastpref.train.config import build_parser
 
     parser = build_parser(prog="fastpref-precompute", description=main.__doc__)
     parser.add_argument("--epochs", type=int, default=None,
@@ -436,19 +435,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     try:
-        cfg = config_from_values(args, require_caches=False)
-        if not (cfg.cache_latents or cfg.reference_mode == "cache"):
-            raise ValueError("nothing to precompute: give --cache_latents and/or --reference_mode cache "
-                             "--ref_cache PATH")
-        if cfg.reference_mode == "cache" and not cfg.ref_cache:
-            raise ValueError("--reference_mode cache needs --ref_cache PATH (the file to write)")
-        model = load_model(cfg.pretrained_model_name_or_path, revision=cfg.revision,
-                           weighting_scheme=cfg.weighting_scheme)
-        dataset = build_dataset(cfg.dataset, resolution=cfg.resolution or 0, synthetic_size=cfg.synthetic_size,
-                                seed=cfg.seed)
-    except ValueError as exc:
+        _precompute_for_run(args)
+    except ValueError as exc:  # a bad flag, config or dataset: say what to fix, no traceback
         print(f"fastpref-precompute: error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _precompute_for_run(args) -> None:
+    from fastpref.train.config import config_from_values
+    from fastpref.train.data import build_dataset
+    from fastpref.train.models import load_model
+
+    cfg = config_from_values(args, require_caches=False)
+    if not (cfg.cache_latents or cfg.reference_mode == "cache"):
+        raise ValueError("nothing to precompute: give --cache_latents and/or --reference_mode cache --ref_cache PATH")
+    if cfg.reference_mode == "cache" and not cfg.ref_cache:
+        raise ValueError("--reference_mode cache needs --ref_cache PATH (the file to write)")
+    if cfg.reference_mode == "cache" and cfg.sft_steps:
+        raise ValueError("--sft_steps: the run's reference is the warmed-up model, which exists only after the "
+                         "warm-up; precompute with --pretrained_model_name_or_path OUTPUT_DIR/sft_model --sft_steps 0")
+    if args.epochs is not None and args.epochs < 1:
+        raise ValueError(f"--epochs must be an integer ≥ 1, got {args.epochs}")
+    model = load_model(cfg.pretrained_model_name_or_path, revision=cfg.revision, weighting_scheme=cfg.weighting_scheme)
+    dataset = build_dataset(cfg.dataset, resolution=cfg.resolution or 0, synthetic_size=cfg.synthetic_size,
+                            seed=cfg.seed)
     dataset.resolution = cfg.resolution or model.resolution
     train_idx, eval_idx = cfg.split_rows(len(dataset))
     rows = sorted(train_idx + eval_idx)
@@ -463,11 +474,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"latent cache: {latents.path}")
     if cfg.reference_mode == "cache":
         epochs = args.epochs or epochs_needed(cfg, len(train_idx))
-        _, ref = precompute(model, dataset, rows, seed=cfg.seed, device=args.device, ref_path=cfg.ref_cache,
-                            epochs=epochs, dtype=dtype, batch_size=cfg.train_batch_size, latents=latents)
+        precompute(model, dataset, rows, seed=cfg.seed, device=args.device, ref_path=cfg.ref_cache, epochs=epochs,
+                   dtype=dtype, batch_size=cfg.train_batch_size, latents=latents)
         print(f"wrote {cfg.ref_cache}: reference errors of {len(rows)} pairs × {epochs} epochs")
-    return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

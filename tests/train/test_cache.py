@@ -246,3 +246,14 @@ def test_cache_latents_flag_and_toml_key(tmp_path):
     toml.write_text("latent_cache_dir = 3\n")
     with pytest.raises(ValueError, match="--latent_cache_dir must be a folder path"):
         parse_args(["--config", str(toml)])
+
+
+def test_precompute_command_refuses_what_it_cannot_write(tmp_path, capsys):
+    from fastpref.train.cache import main
+
+    ref = ["--reference_mode", "cache", "--ref_cache", str(tmp_path / "ref.safetensors")]
+    for argv, message in ([[], "nothing to precompute"], [["--reference_mode", "cache"], "needs --ref_cache PATH"],
+                          [[*ref, "--sft_steps", "10"], "OUTPUT_DIR/sft_model"], [[*ref, "--epochs", "-1"], "--epochs"],
+                          [["--cache_latents", "--loss", "nope"], "--loss must be one of"]):
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
