@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import os
+import pickle
 
 import pytest
 import torch
@@ -64,6 +65,8 @@ def test_latent_cache_holds_what_the_step_encodes(tmp_path, tiny):
     assert (cache[5]["latents"] - mean).abs().max() > 1e-4
     with pytest.raises(ValueError, match=r"rows \[7\] are not in the latent cache"):
         cache[7]
+    again = pickle.loads(pickle.dumps(cache))  # what DataLoader workers started by spawn receive
+    assert torch.equal(again[5]["latents"], cache[5]["latents"]) and again[2] is None
 
 
 def test_cache_latents_runs_no_vae_or_text_encoder_and_changes_no_number(tmp_path, tiny, run_config, monkeypatch):
