@@ -13,6 +13,10 @@ Rows (LoRA unless marked *full*):
 ``cache``           fastpref: cached latents, precomputed reference errors (no reference forward).
 ``none``            fastpref: cached latents, policy only — the floor a reference-free loss (MaPO) pays.
 ``copy``            fastpref, *full*: cached latents, frozen copy, fused loss.
+``loop``            the trainer's own step, ``fastpref.train.compute_loss`` (UNet only): VAE and text encoder
+                    every step, ``adapter_off`` reference, the ``--loss`` objective, backward, AdamW.
+``loop_cache_latents`` the same step with ``--cache_latents``: the batch read from the latent cache
+                    (built once by ``fastpref.train.cache.precompute`` before timing), no VAE, no text encoder.
 
 Every step is ``zero_grad → forward(s) → loss → backward → AdamW.step``. Time: median over
 ``rounds × steps`` steps after warm-up, the modes interleaved round by round so that a noisy machine
@@ -27,7 +31,7 @@ The fastpref rows call ``fastpref.dpo_loss``/``dmpo_loss`` with ``backend="auto"
 column says what ran: Triton on a GPU; on a CPU the C++ extension where it builds, else the PyTorch
 path); the loss is a small part of a step either way.
 
-Writes ``benchmarks/results/train_step_<device>.csv`` and ``.md``.
+Writes ``benchmarks/results/train_step_<device>.csv`` and ``.md`` (or ``--output PATH.csv`` and ``PATH.md``).
 """
 
 from __future__ import annotations
@@ -50,12 +54,14 @@ import torch
 import torch.nn.functional as F
 
 import fastpref
-from fastpref.train.latent_cache import stack_pairs
-from fastpref.train.ref_cache import noisy_latents_and_target, precompute_reference_errors, sample_noise_and_timesteps
-from fastpref.train.reference_modes import make_reference_mode, model_inputs
+from fastpref.train.cache import collate_cached, encode, precompute
+from fastpref.train.models import DiffusionModel
+from fastpref.train.noise import add_noise, noise_pairs
+from fastpref.train.reference import make_reference, tuner_layers
 
 RESULTS = Path(__file__).resolve().parent / "results"
-LORA_MODES = ("baseline", "adapter_off", "batched", "cache", "none")
+LOOP_MODES = ("loop", "loop_cache_latents")
+LORA_MODES = ("baseline", "adapter_off", "batched", "cache", "none", *LOOP_MODES)
 FULL_MODES = ("baseline_full", "copy")
 COLUMNS = [
     "model", "pairs", "mode", "loss", "step_ms_median", "step_ms_min", "cpu_ms_median", "pairs_per_s",
@@ -82,8 +88,8 @@ def build_models(kind: str, device, seed: int = 0):
         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), latent_channels=LATENT_CH,
         norm_num_groups=8, sample_size=IMAGE,
     )
-    text = CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=1000, hidden_size=TEXT_DIM, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    text = CLIPTextModelWithProjection(CLIPTextConfig(  # CLIP's vocabulary: the trainer's tokenizer feeds it
+        vocab_size=49408, hidden_size=TEXT_DIM, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=TEXT_LEN, projection_dim=POOLED_DIM,
     ))
     latent = IMAGE // 2
@@ -184,7 +190,7 @@ class Setup:
     scheduler: object
     pixels: torch.Tensor  # (N, 2, 3, H, W)
     ids: torch.Tensor  # (N, L)
-    cached: list  # latent-cache rows {"latents", "cond"}
+    cached: list  # latent-cache rows {"latents", "cond", "index"}
     beta: float = 5000.0
     extra: dict = field(default_factory=dict)
 
@@ -226,10 +232,14 @@ def make_step(setup: Setup, mode: str, loss_name: str):
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     n_rows = setup.pixels.shape[0]
+    dm = DiffusionModel("unet" if kind == "unet" else "sd3", policy, setup.scheduler, [], [])  # predict() only
 
     def rows(i):
         start = (i * b) % (n_rows - b + 1)
         return list(range(start, start + b))
+
+    if mode in LOOP_MODES:
+        return _loop_step(setup, mode, loss_name, opt, rows)
 
     if mode in ("baseline", "baseline_full"):
         ref_model = _frozen_copy(policy) if full else None
@@ -244,17 +254,15 @@ def make_step(setup: Setup, mode: str, loss_name: str):
                 latents = setup.vae.encode(px).latent_dist.sample() * setup.vae.config.scaling_factor
                 cond = encode_prompt(setup.text, setup.ids[idx].to(dev), kind)
                 cond = {k: torch.cat([v, v]) for k, v in cond.items()}
-            noise = torch.randn_like(latents[:b])
-            t_index = torch.randint(0, 1000, (b,))
-            x_t, t, target = noisy_latents_and_target(setup.scheduler, latents, noise, t_index)
-            inputs = model_inputs(policy, x_t, t, cond)
-            model_pred = policy(**inputs, return_dict=False)[0]
+            noised = add_noise(setup.scheduler, latents, torch.randn_like(latents[:b]), torch.randint(0, 1000, (b,)))
+            target = torch.cat([noised.target] * 2) if noised.target.shape[0] == b else noised.target
+            model_pred = dm.predict(policy, noised.noisy, noised.timesteps, cond)
             with torch.no_grad():
                 if full:
-                    ref_pred = ref_model(**inputs, return_dict=False)[0]
+                    ref_pred = dm.predict(ref_model, noised.noisy, noised.timesteps, cond)
                 else:
                     policy.disable_adapters()
-                    ref_pred = policy(**inputs, return_dict=False)[0]
+                    ref_pred = dm.predict(policy, noised.noisy, noised.timesteps, cond)
                     policy.enable_adapters()
             loss = eager(model_pred, ref_pred, target, setup.beta)
             loss.backward()
@@ -264,39 +272,104 @@ def make_step(setup: Setup, mode: str, loss_name: str):
         kept = [policy, setup.vae, setup.text] + ([ref_model] if full else [])
         return step, kept
 
-    if mode == "cache":
+    cache = None
+    if mode == "cache":  # the reference errors of every row at epoch 0, computed once by the trainer's precompute
         cache = setup.extra.get("ref_cache")
         if cache is None:
-            cache = setup.extra["ref_cache"] = precompute_reference_errors(
-                model, setup.cached, scheduler=setup.scheduler, seed=0, epochs=1,
-                dataset_fingerprint="bench", batch_size=max(b, 8), progress=False,
-            )
-        ref = make_reference_mode("cache", policy, cache=cache)
-    else:
-        ref = make_reference_mode(mode, policy)
+            import tempfile
+            from types import SimpleNamespace
+
+            with tempfile.TemporaryDirectory() as tmp:
+                _, cache = setup.extra["ref_cache"] = precompute(
+                    dm, SimpleNamespace(resolution=IMAGE), range(n_rows), seed=0, device=dev, epochs=1,
+                    ref_path=os.path.join(tmp, "ref.safetensors"), batch_size=max(b, 8), latents=setup.cached,
+                    progress=False)
+    ref = make_reference(mode, dm, cache=cache)
     loss_fn = fastpref.dpo_loss if loss_name == "dpo" else fastpref.dmpo_loss
 
     def step(i):
         idx = rows(i)
         opt.zero_grad(set_to_none=True)
-        x0, cond = stack_pairs([setup.cached[j] for j in idx])
-        x0, cond = x0.to(dev), {k: v.to(dev) for k, v in cond.items()}
-        if mode == "cache":
-            noise, t_index = sample_noise_and_timesteps(setup.scheduler, x0.shape[1:], idx, 0, 0)
-        else:
-            noise, t_index = torch.randn(b, *x0.shape[1:]), torch.randint(0, 1000, (b,))
-        x_t, t, target = noisy_latents_and_target(setup.scheduler, x0, noise.to(dev), t_index)
-        out = ref(policy, model_inputs(policy, x_t, t, cond), pair_indices=idx, epoch=0)
+        batch = collate_cached([setup.cached[j] for j in idx])
+        x0, cond = encode(dm, batch, 0, dev)
+        noised = noise_pairs(dm, x0, idx, 0, 0)
+        model_pred, ref_kw = ref(policy, noised, cond, batch)
         if mode == "none":  # reference-free floor: the SFT term every such loss contains
-            loss = (out.model_pred.float() - target).pow(2).mean()
+            target = torch.cat([noised.target] * 2) if noised.target.shape[0] == b else noised.target
+            loss = (model_pred.float() - target).pow(2).mean()
         else:
-            loss = loss_fn(out.model_pred, out.ref_pred, target, ref_err=out.ref_err, beta=setup.beta)
+            loss = loss_fn(model_pred, target=noised.target, beta=setup.beta, **ref_kw)
         loss.backward()
         opt.step()
         return loss
 
-    kept = [policy] + ([ref.reference] if mode == "copy" else [])
+    kept = [policy] + ([ref.frozen] if mode == "copy" else [])
     return step, kept
+
+
+class PixelPairs(torch.utils.data.Dataset):
+    """The benchmark's image pairs as a trainer dataset: ``{"pixel_values", "caption", "index"}``."""
+
+    def __init__(self, pixels: torch.Tensor):
+        self.pixels, self.resolution = pixels, pixels.shape[-1]
+
+    def __len__(self) -> int:
+        return self.pixels.shape[0]
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.pixels[i], "caption": f"a photo of pair {i}", "index": int(i)}
+
+
+def _loop_step(setup: Setup, mode: str, loss_name: str, opt, rows):
+    """The trainer's step (``compute_loss``) on a DiffusionModel of the benchmark's UNet, VAE and text
+    encoder with the trainer's CLIP tokenizer; ``loop_cache_latents`` reads the batch from a latent cache
+    written once, before timing, by the trainer's precompute."""
+    import tempfile
+    from types import SimpleNamespace
+
+    from fastpref.train import TrainConfig, compute_loss
+    from fastpref.train.cache import LatentCache, latents_fingerprint
+    from fastpref.train.data import collate_pairs
+    from fastpref.train.models import build_tiny_model
+    from fastpref.train.objectives import get_objective
+
+    if setup.kind != "unet":
+        raise ValueError("the loop rows run the UNet model only (the trainer's SD3 conditioning differs from the "
+                         "benchmark's)")
+    dev = setup.device
+    tokenizer = build_tiny_model("fastpref:tiny-unet").tokenizers[0]  # CLIP's BPE, 16 tokens (= TEXT_LEN)
+    text = setup.text
+
+    class LastHidden(torch.nn.Module):  # encode_prompts reads [0]: the last hidden state
+        def __init__(self, encoder):
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, ids):
+            return (self.encoder(ids).last_hidden_state,)
+
+    dm = DiffusionModel("unet", setup.model, setup.scheduler, [tokenizer], [LastHidden(text)], setup.vae)
+    data = PixelPairs(setup.pixels)
+    source, collate = data, collate_pairs
+    if mode == "loop_cache_latents":
+        folder = setup.extra.setdefault("tmp", tempfile.mkdtemp(prefix="fastpref-bench-"))
+        path = os.path.join(folder, "latents.safetensors")
+        if not os.path.isfile(path):
+            precompute(dm, data, range(len(data)), seed=0, device=dev, latents_path=path, progress=False)
+        source, collate = LatentCache.load(path, latents_fingerprint(dm, data, range(len(data)), 0)), collate_cached
+    reference = make_reference("adapter_off", dm)
+    cfg, objective = TrainConfig(loss=loss_name, beta=setup.beta, seed=0), get_objective(loss_name)
+    accelerator = SimpleNamespace(device=dev, autocast=contextlib.nullcontext)
+
+    def step(i):
+        opt.zero_grad(set_to_none=True)
+        batch = collate([source[j] for j in rows(i)])
+        out = compute_loss(dm, setup.model, reference, objective, batch, cfg, accelerator)
+        out.loss.backward()
+        opt.step()
+        return out.loss
+
+    return step, [setup.model] + ([setup.vae, setup.text] if mode == "loop" else [])
 
 
 def _frozen_copy(model):
@@ -309,8 +382,6 @@ def _frozen_copy(model):
 def _full_copy(model):
     """The same weights as a plain (adapter-free) model, every parameter trainable: full fine-tune."""
     import copy
-
-    from fastpref.train.reference_modes import tuner_layers
 
     full = copy.deepcopy(model)
     if tuner_layers(full):
@@ -356,15 +427,15 @@ def run(kind: str, pairs: int, losses, args, device) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     pixels = torch.rand(n_rows, 2, 3, IMAGE, IMAGE, generator=g) * 2 - 1
     ids = torch.randint(0, 1000, (n_rows, TEXT_LEN), generator=g)
-    with torch.no_grad():  # the latent cache, built once (fastpref.train.latent_cache does the same per row)
+    with torch.no_grad():  # latent-cache rows, built once (as fastpref.train.cache.precompute does)
         cached = []
         for i in range(n_rows):
             lat = vae.encode(pixels[i].to(device)).latent_dist.sample() * vae.config.scaling_factor
             cond = encode_prompt(text, ids[i : i + 1].to(device), kind)
-            cached.append({"latents": lat.cpu(), "cond": {k: v[0].cpu() for k, v in cond.items()}})
+            cached.append({"latents": lat.cpu(), "cond": {k: v[0].cpu() for k, v in cond.items()}, "index": i})
     setup = Setup(kind, pairs, device, model, vae, text, scheduler, pixels, ids, cached)
 
-    modes = [m for m in LORA_MODES + FULL_MODES if m in args.modes]
+    modes = [m for m in LORA_MODES + FULL_MODES if m in args.modes and (kind == "unet" or m not in LOOP_MODES)]
     configs = [(m, loss) for m in modes for loss in (losses if m != "none" else ["sft"])]
     steps, kept, mem = {}, {}, {}
     times, cpu_times = {c: [] for c in configs}, {c: [] for c in configs}
@@ -428,10 +499,10 @@ def run(kind: str, pairs: int, losses, args, device) -> list[dict]:
     return rows
 
 
-def write(rows, device, command):
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write(rows, device, command, path: Path | None = None):
     slug = "cuda" if device.type == "cuda" else "cpu"
-    path = RESULTS / f"train_step_{slug}.csv"
+    path = Path(path or RESULTS / f"train_step_{slug}.csv")
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
@@ -486,6 +557,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (default 1: stable timings on a shared machine; OpenMP spin-waits "
                         "degrade badly when other processes hold the cores)")
+    parser.add_argument("--output", type=Path, help="results CSV (default benchmarks/results/train_step_<device>.csv)")
     args = parser.parse_args(argv)
     if args.render:
         render(args.render, args.command)
@@ -502,7 +574,8 @@ def main(argv=None) -> int:
     for kind in args.models:
         for pairs in args.pairs:
             rows += run(kind, pairs, args.losses, args, device)
-    write(rows, device, "python -m benchmarks.train_step " + " ".join(argv if argv is not None else sys.argv[1:]))
+    write(rows, device, "python -m benchmarks.train_step " + " ".join(argv if argv is not None else sys.argv[1:]),
+          args.output)
     return 0
 
 

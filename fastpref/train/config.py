@@ -15,11 +15,13 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 
-__all__ = ["TrainConfig", "build_parser", "parse_args", "load_toml"]
+from fastpref.train.noise import WEIGHTING_SCHEMES
+from fastpref.train.reference import REFERENCE_MODES
+
+__all__ = ["TrainConfig", "build_parser", "parse_args", "config_from_values", "load_toml"]
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
-WEIGHTING_SCHEMES = ("logit_normal", "none", "mode", "sigma_sqrt", "cosmap")
 
 
 @dataclass
@@ -41,8 +43,11 @@ class TrainConfig:
     beta: float | None = None  # None: the loss's default (dpo 5000, dmpo 2000, ipo 0.1, …)
     alpha: float = 0.01  # DMPO's α
     reference_mode: str = "auto"
-    ref_cache: str | None = None  # --reference_mode cache: file from python -m fastpref.train.ref
+    ref_cache: str | None = None  # --reference_mode cache: the file fastpref-precompute wrote
     weighting_scheme: str = "logit_normal"  # flow matching timestep density (diffusers' SD3 scripts)
+    # -- VAE latents and text embeddings computed once and read by every step (diffusers' flag name)
+    cache_latents: bool = False
+    latent_cache_dir: str | None = None  # None: OUTPUT_DIR/cache; share one folder between runs to reuse it
     # -- optional supervised warm-up: plain diffusion loss on both images of each pair, then the
     #    preference loss starts from (and uses as its reference) the warmed-up model
     sft_steps: int = 0
@@ -82,10 +87,19 @@ class TrainConfig:
     def is_lora(self) -> bool:
         return self.lora_rank > 0
 
-    def validate(self) -> "TrainConfig":
-        """Refuse bad values before anything is built. Returns ``self``."""
+    def split_rows(self, num_rows: int) -> tuple[list[int], list[int]]:
+        """``(train rows, held-out rows)`` of a dataset of ``num_rows``: the last ``eval_pairs`` rows (at
+        most a quarter) are held out and never trained on; ``max_train_pairs`` caps the rest."""
+        n_eval = min(self.eval_pairs, num_rows // 4)
+        train_idx = list(range(num_rows - n_eval))
+        if self.max_train_pairs is not None:
+            train_idx = train_idx[: self.max_train_pairs]
+        return train_idx, list(range(num_rows - n_eval, num_rows))
+
+    def validate(self, *, require_caches: bool = True) -> "TrainConfig":
+        """Refuse bad values before anything is built. Returns ``self``. ``require_caches=False``:
+        ``--ref_cache`` need not exist yet (``fastpref-precompute`` writes it)."""
         from fastpref.train.objectives import OBJECTIVES
-        from fastpref.train.ref import REFERENCE_MODES
 
         def need(cond: bool, msg: str) -> None:
             if not cond:
@@ -122,9 +136,12 @@ class TrainConfig:
         modes = ("auto", *REFERENCE_MODES)
         need(self.reference_mode in modes, f"--reference_mode must be one of {', '.join(modes)}, got {self.reference_mode!r}")
         if self.reference_mode == "cache":
-            need(isinstance(self.ref_cache, str) and os.path.isfile(self.ref_cache),
-                 f"--reference_mode cache needs --ref_cache PATH of an existing file (write it with python -m "
-                 f"fastpref.train.ref --config RUN.toml --output PATH), got {self.ref_cache!r}")
+            need(isinstance(self.ref_cache, str) and (os.path.isfile(self.ref_cache) or not require_caches),
+                 f"--reference_mode cache needs --ref_cache PATH of an existing file (write it with "
+                 f"fastpref-precompute and the run's flags, e.g. --config RUN.toml), got {self.ref_cache!r}")
+        need(isinstance(self.cache_latents, bool), f"--cache_latents must be true or false, got {self.cache_latents!r}")
+        need(self.latent_cache_dir is None or (isinstance(self.latent_cache_dir, str) and self.latent_cache_dir != ""),
+             f"--latent_cache_dir must be a folder path, got {self.latent_cache_dir!r}")
         need(self.mixed_precision in MIXED_PRECISION, f"--mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
         need(self.lr_scheduler in LR_SCHEDULERS, f"--lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
         need(self.weighting_scheme in WEIGHTING_SCHEMES, f"--weighting_scheme must be one of {', '.join(WEIGHTING_SCHEMES)}, got {self.weighting_scheme!r}")
@@ -190,11 +207,11 @@ def _parse_bool_none(kind: str):
     return convert
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "fastpref-train", description: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="fastpref-train",
-        description="Preference fine-tuning (Diffusion-DPO, DMPO, …) of diffusers UNet and SD3-style models "
-        "with fastpref's fused losses. Every flag is also a key of --config FILE.toml.",
+        prog=prog,
+        description=description or "Preference fine-tuning (Diffusion-DPO, DMPO, …) of diffusers UNet and SD3-style "
+        "models with fastpref's fused losses. Every flag is also a key of --config FILE.toml.",
     )
     p.add_argument("--config", default=None, help="TOML file with any of the flags below as keys")
     for name, f in _FIELDS.items():
@@ -203,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
         help_text = f"(default: {default!r})"
         if kind.startswith("list"):
             p.add_argument(f"--{name}", nargs="+", default=None, help=help_text)
+        elif kind == "bool":
+            p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             p.add_argument(f"--{name}", type=_parse_bool_none(kind), default=None, help=help_text)
     return p
@@ -225,12 +244,17 @@ def load_toml(path: str) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """Defaults < TOML file < command-line flags; then :meth:`TrainConfig.validate`."""
-    ns = build_parser().parse_args(argv)
+    return config_from_values(build_parser().parse_args(argv))
+
+
+def config_from_values(ns: argparse.Namespace, *, require_caches: bool = True) -> TrainConfig:
+    """The config of parsed flags (``ns.config``: a TOML file under them); extra parser arguments that are
+    not training options are ignored."""
     values: dict = {}
     if ns.config is not None:
         values.update(load_toml(ns.config))
-    values.update({k: v for k, v in vars(ns).items() if k != "config" and v is not None})
-    return config_from_dict(values).validate()
+    values.update({k: v for k, v in vars(ns).items() if k in _FIELDS and v is not None})
+    return config_from_dict(values).validate(require_caches=require_caches)
 
 
 def config_from_dict(values: dict) -> TrainConfig:

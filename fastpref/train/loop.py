@@ -1,14 +1,15 @@
 """The training loop: one function, readable top to bottom (the diffusers DPO example's shape).
 
     for each micro-batch (B pairs, winner and loser images):
-        latents   = encode(images)                       → (2B, *S)  [w_0 … w_{B−1}, l_0 … l_{B−1}]
-        noisy, t  = noise each pair with one ε and one t (shared by winner and loser)
-        model_pred, ref = reference_mode.predict(...)     policy once on the stacked batch (+ reference)
-        loss, stats = fastpref.<loss>(model_pred, ref, target, return_stats=True)
+        latents, cond   = encode(batch)                  → (2B, *S)  [w_0 … w_{B−1}, l_0 … l_{B−1}]
+                          (VAE + text encoders, or the --cache_latents cache)
+        noised          = noise_pairs(latents, pairs, epoch)   one ε and one t per pair
+        model_pred, ref = reference(policy, noised, cond, batch)   the policy (+ the reference mode)
+        loss, stats     = fastpref.<loss>(model_pred, target, **ref, return_stats=True)
         accelerator.backward(loss); clip; optimizer step every gradient_accumulation_steps
 
-Randomness that decides a step's numbers (noise, timesteps, VAE posterior samples) comes from a
-generator seeded by (seed, epoch, batch, rank) and the data order from (seed, epoch): together with
+Randomness that decides a step's numbers (VAE posterior samples, noise, timesteps) is drawn per
+(seed, pair[, image], epoch) (:mod:`fastpref.train.noise`) and the data order from (seed, epoch): with
 the optimizer, scheduler and RNG states accelerate saves, a resumed run repeats an uninterrupted one.
 """
 
@@ -21,19 +22,20 @@ import resource
 import time
 from dataclasses import dataclass, field, fields, is_dataclass
 
-import numpy as np
 import torch
 
 from fastpref.reference import pair_errors
 from fastpref.stats import implicit_accuracy
+from fastpref.train.cache import collate_cached, encode, latent_cache_for_run, ref_cache_for_run
 from fastpref.train.checkpoint import load_checkpoint, register_model_hooks, save_checkpoint
 from fastpref.train.config import TrainConfig
 from fastpref.train.data import EpochSampler, build_dataset, collate_pairs
 from fastpref.train.launch import build_accelerator, start_line
 from fastpref.train.metrics import MetricsLogger, plot_curves
-from fastpref.train.models import LORA_TARGET_MODULES, DiffusionModel, frozen_copy, load_model, save_model
+from fastpref.train.models import LORA_TARGET_MODULES, DiffusionModel, load_model, save_model
+from fastpref.train.noise import noise_pairs
 from fastpref.train.objectives import get_objective
-from fastpref.train.ref import NEEDS_FROZEN_COPY, REFERENCE_MODES, ReferenceMode, resolve_reference_mode
+from fastpref.train.reference import make_reference, resolve_reference_mode
 
 __all__ = ["train", "compute_loss", "StepOutput", "TrainResult"]
 
@@ -58,25 +60,17 @@ class TrainResult:
     data_skipped: dict = field(default_factory=dict)
 
 
-def step_generator(*key: int) -> torch.Generator:
-    """A CPU generator seeded from a tuple of integers (numpy's SeedSequence mixes them well)."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0] >> 1))
-
-
-def compute_loss(model: DiffusionModel, policy, reference: ReferenceMode, objective, batch: dict,
-                 generator: torch.Generator, cfg: TrainConfig, accelerator) -> StepOutput:
-    """The loss of one micro-batch (one policy forward on the stacked ``[w; l]`` batch)."""
-    device = accelerator.device
-    pixels = batch["pixel_values"].to(device)  # (B, 2, C, H, W), winner first
-    pixels = torch.cat([pixels[:, 0], pixels[:, 1]])  # (2B, C, H, W): winners, then losers
-    latents = reference.encode_images(pixels, batch, generator)
-    cond = model.encode_prompts(batch["caption"], device)
-    cond = {k: torch.cat([v, v]) for k, v in cond.items()}  # a pair shares its prompt
-    noised = reference.noise_pairs(latents, batch, generator)
+def compute_loss(model: DiffusionModel, policy, reference, objective, batch: dict, cfg: TrainConfig,
+                 accelerator) -> StepOutput:
+    """The loss of one micro-batch: encode (or read the latent cache) → noise the pairs (per pair and
+    ``batch["epoch"]``, 0 when absent) → the policy, once on the stacked ``[w; l]`` batch, and the
+    reference mode → the objective."""
+    latents, cond = encode(model, batch, cfg.seed, accelerator.device)
+    noised = noise_pairs(model, latents, batch["index"], batch.get("epoch", 0), cfg.seed)
     with accelerator.autocast():
-        model_pred, ref = reference.predict(policy, noised, cond, batch)
+        model_pred, ref = reference(policy, noised, cond, batch)
     loss, stats = objective.call(model_pred, ref, noised.target, cfg)
-    return StepOutput(loss, stats, model_pred.detach(), ref, noised.target, noised.timesteps, pixels.shape[0] // 2)
+    return StepOutput(loss, stats, model_pred.detach(), ref, noised.target, noised.timesteps, latents.shape[0] // 2)
 
 
 def _stat_means(out: StepOutput) -> dict[str, torch.Tensor]:
@@ -139,17 +133,13 @@ def supervised_warmup(model: DiffusionModel, dataset, indices: list[int], cfg: T
     progress = tqdm(total=cfg.sft_steps, desc="sft", disable=not accelerator.is_main_process)
     while step < cfg.sft_steps:
         sampler.set_epoch(epoch)
-        for batch_idx, batch in enumerate(loader):
+        for batch in loader:
             if batch["pixel_values"] is None:
                 continue
-            g = step_generator(cfg.seed, 1 << 21, epoch, batch_idx)
-            pixels = batch["pixel_values"].to(device)
-            latents = model.encode_images(torch.cat([pixels[:, 0], pixels[:, 1]]), g)
-            cond = model.encode_prompts(batch["caption"], device)
-            noised = model.noise_pairs(latents, g)
+            latents, cond = encode(model, batch, cfg.seed, device)
+            noised = noise_pairs(model, latents, batch["index"], epoch, cfg.seed + 1)  # its own stream of draws
             with accelerator.autocast():
-                pred = model.predict(denoiser, noised.noisy, noised.timesteps,
-                                     {k: torch.cat([v, v]) for k, v in cond.items()})
+                pred = model.predict(denoiser, noised.noisy, noised.timesteps, cond)
             target = noised.target if noised.target.shape[0] == pred.shape[0] else torch.cat([noised.target] * 2)
             loss = torch.nn.functional.mse_loss(pred.float(), target.float())
             loss.backward()
@@ -192,11 +182,8 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
     if dataset is None:
         dataset = build_dataset(cfg.dataset, resolution=cfg.resolution or 0, synthetic_size=cfg.synthetic_size,
                                 seed=cfg.seed)
-    n_eval = min(cfg.eval_pairs, len(dataset) // 4)  # held-out pairs: the last ones, never trained on
-    train_idx = list(range(len(dataset) - n_eval))
-    if cfg.max_train_pairs is not None:
-        train_idx = train_idx[: cfg.max_train_pairs]
-    eval_idx = list(range(len(dataset) - n_eval, len(dataset)))
+    train_idx, eval_idx = cfg.split_rows(len(dataset))  # held-out pairs: the last ones, never trained on
+    n_eval = len(eval_idx)
     if len(train_idx) < cfg.train_batch_size * world:
         raise ValueError(f"--dataset has {len(train_idx)} training pairs (after holding out {n_eval} for evaluation), "
                          f"fewer than one batch (--train_batch_size {cfg.train_batch_size} × {world} processes); "
@@ -224,7 +211,6 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
         place(m.requires_grad_(False).eval(), weight_dtype)
 
     denoiser = model.denoiser
-    ref_module = place(frozen_copy(denoiser), weight_dtype) if mode_name in NEEDS_FROZEN_COPY else None
     if cfg.is_lora:
         from diffusers.training_utils import cast_training_params
         from peft import LoraConfig
@@ -239,7 +225,13 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
         place(denoiser.requires_grad_(True), torch.float32)  # fp32 master weights
     denoiser.train()
     params = [p for p in denoiser.parameters() if p.requires_grad]
-    reference = REFERENCE_MODES[mode_name](cfg, model, accelerator, ref_module)
+    rows = sorted(train_idx + eval_idx)  # what the caches hold
+    ref_cache = ref_cache_for_run(cfg, model, dataset, rows) if mode_name == "cache" else None
+    reference = make_reference(mode_name, model, dtype=weight_dtype, cache=ref_cache)
+    source, collate = dataset, collate_pairs
+    if cfg.cache_latents:  # the step reads latents and text embeddings: no VAE, no text encoder
+        source, collate = latent_cache_for_run(cfg, model, dataset, rows, device, build=accelerator.is_main_process,
+                                              wait=accelerator.wait_for_everyone), collate_cached
 
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
@@ -249,15 +241,16 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * world,
                                  num_training_steps=cfg.max_train_steps * world)
     sampler = EpochSampler(train_idx, cfg.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train_batch_size, sampler=sampler, drop_last=True,
-                                         collate_fn=collate_pairs, num_workers=cfg.dataloader_num_workers)
+    loader = torch.utils.data.DataLoader(source, batch_size=cfg.train_batch_size, sampler=sampler, drop_last=True,
+                                         collate_fn=collate, num_workers=cfg.dataloader_num_workers)
     denoiser, optimizer, loader, lr_scheduler = accelerator.prepare(denoiser, optimizer, loader, lr_scheduler)
     model.denoiser = accelerator.unwrap_model(denoiser)
 
     register_model_hooks(accelerator, cfg.is_lora)  # checkpoints hold the adapters or the full denoiser
 
     updates_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
-    reference.check_covers(len(dataset), math.ceil(cfg.max_train_steps / updates_per_epoch))  # cache: refuse now
+    if ref_cache is not None:  # refuse now a run the reference-error cache does not cover
+        ref_cache.check_covers(rows, math.ceil(cfg.max_train_steps / updates_per_epoch))
     global_step, corrupt_total = 0, 0
     # the data position is counted in optimizer steps: a resume needs the same batch geometry
     resume_must_match = {"loss": cfg.loss, "lora_rank": cfg.lora_rank, "train_batch_size": cfg.train_batch_size,
@@ -290,11 +283,10 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
         correct = []
         with torch.no_grad():
             for start in range(0, len(eval_idx), cfg.train_batch_size):
-                batch = collate_pairs([dataset[i] for i in eval_idx[start: start + cfg.train_batch_size]])
-                if batch["pixel_values"] is None:
+                batch = collate([source[i] for i in eval_idx[start: start + cfg.train_batch_size]])
+                if not len(batch["index"]):
                     continue
-                out = compute_loss(model, policy, reference, objective, batch, step_generator(cfg.seed, 1 << 20, start),
-                                   cfg, accelerator)
+                out = compute_loss(model, policy, reference, objective, batch, cfg, accelerator)  # epoch 0: fixed draws
                 model_err = pair_errors(out.model_pred, out.target)
                 if "ref_pred" in out.ref:
                     ref_err = pair_errors(out.ref["ref_pred"], out.target)
@@ -337,13 +329,11 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
             corrupt_total += int(batch["corrupt"])
             batch["epoch"] = epoch  # the reference-error cache is per (pair, epoch)
             with accelerator.accumulate(denoiser):
-                if batch["pixel_values"] is None:  # every image of the micro-batch was unreadable
+                if not len(batch["index"]):  # every image of the micro-batch was unreadable
                     loss = sum(p.sum() * 0.0 for p in params)  # keeps DDP's collectives in step
                     out = None
                 else:
-                    out = compute_loss(model, denoiser, reference, objective, batch,
-                                       step_generator(cfg.seed, epoch, batch_idx, accelerator.process_index),
-                                       cfg, accelerator)
+                    out = compute_loss(model, denoiser, reference, objective, batch, cfg, accelerator)
                     loss = out.loss
                     pending.append(_stat_means(out))
                     pairs_in_update += out.num_pairs

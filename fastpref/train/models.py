@@ -1,4 +1,4 @@
-"""Diffusion models for the trainer: load a diffusers pipeline's parts, noise a batch of pairs, predict.
+"""Diffusion models for the trainer: load a diffusers pipeline's parts, encode images and prompts, predict, sample.
 
 Two families:
 
@@ -7,41 +7,31 @@ Two families:
 * ``sd3`` — ``SD3Transformer2DModel`` + CLIP (+ CLIP-2, + T5) encoders + ``FlowMatchEulerDiscreteScheduler``:
   ``x_t = (1 − σ)·x0 + σ·ε`` and the target ``ε − x0`` (rectified flow, the SD3 recipe).
 
-A VAE is optional: without one the model works on pixels (VAE-free latents) — that is how
+A VAE is optional: without one the model works on pixels — that is how
 the embedded tiny models (``fastpref:tiny-unet``, ``fastpref:tiny-unet-v``, ``fastpref:tiny-sd3``,
 built from configs with a fixed seed, nothing downloaded) stay fast on a CPU.
 
-Each pair shares its noise and its timestep, and the rows are stacked ``[w_0 … w_{B−1}, l_0 … l_{B−1}]``.
+Noising a batch of pairs is :mod:`fastpref.train.noise`; rows are stacked ``[w_0 … w_{B−1}, l_0 … l_{B−1}]``.
 """
 
 from __future__ import annotations
 
-import copy
 import functools
 import gzip
 import json
 import os
 import tempfile
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["DiffusionModel", "NoisedPairs", "load_model", "build_tiny_model", "save_model", "TINY_MODELS"]
+__all__ = ["DiffusionModel", "load_model", "build_tiny_model", "save_model", "TINY_MODELS"]
 
 TINY_MODELS = ("fastpref:tiny-unet", "fastpref:tiny-unet-v", "fastpref:tiny-sd3")
 SD3_T5_TOKENS = 256  # without a T5 encoder the SD3 pipeline feeds this many zero tokens; training matches it
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]  # the diffusers DPO / SD3 LoRA scripts' choice
-
-
-@dataclass
-class NoisedPairs:
-    """One noised batch: ``noisy`` (2B, *S); ``timesteps`` (2B,); ``target`` (B, *S) when the pair
-    shares it (ε-prediction) or (2B, *S)."""
-
-    noisy: torch.Tensor
-    timesteps: torch.Tensor
-    target: torch.Tensor
 
 
 @dataclass
@@ -105,14 +95,15 @@ class DiffusionModel:
 
     # -- latents -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Pixels in [−1, 1] → scaled latents (a sample of the VAE posterior drawn with ``generator``)."""
+    def encode_images(self, pixels: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+        """Pixels (N, C, H, W) in [−1, 1] → scaled latents: ``(mean + std·z − shift)·scale`` with ``z`` of
+        image k drawn from the CPU generator ``generators[k]`` (so the sample does not depend on the
+        device or on which other images are encoded with it). No VAE: the pixels themselves."""
         if self.vae is None:
             return pixels
-        pixels = pixels.to(self.vae.dtype)
-        dist = self.vae.encode(pixels).latent_dist
-        noise = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32).to(pixels.device, pixels.dtype)
-        latents = dist.mean + dist.std * noise
+        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        z = torch.stack([torch.randn(dist.mean.shape[1:], generator=g) for g in generators])
+        latents = dist.mean + dist.std * z.to(dist.mean.device, dist.mean.dtype)
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * self.vae.config.scaling_factor
 
@@ -123,38 +114,6 @@ class DiffusionModel:
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + shift
         return self.vae.decode(latents).sample.clamp(-1, 1)
-
-    # -- noising ------------------------------------------------------------------------------------
-    def noise_pairs(self, latents: torch.Tensor, generator: torch.Generator) -> NoisedPairs:
-        """Noise ``latents`` (2B, *S) with one noise tensor and one timestep per pair (drawn from the
-        CPU ``generator``, so a run is reproducible on any device)."""
-        n = latents.shape[0]
-        b = n // 2
-        device = latents.device
-        latents = latents.float()
-        noise = torch.randn((b, *latents.shape[1:]), generator=generator).to(device)
-        noise2 = torch.cat([noise, noise])
-        sched = self.scheduler
-        if self.family == "sd3":
-            from diffusers.training_utils import compute_density_for_timestep_sampling
-
-            u = compute_density_for_timestep_sampling(
-                self.weighting_scheme, b, logit_mean=0.0, logit_std=1.0, mode_scale=1.29, generator=generator
-            )
-            idx = (u * sched.config.num_train_timesteps).long().clamp(max=sched.config.num_train_timesteps - 1)
-            t = sched.timesteps[idx].to(device)
-            sigma = sched.sigmas[idx].to(device, torch.float32).view(b, *([1] * (latents.dim() - 1)))
-            sigma2 = torch.cat([sigma, sigma])
-            noisy = (1.0 - sigma2) * latents + sigma2 * noise2
-            return NoisedPairs(noisy, torch.cat([t, t]), noise2 - latents)
-        t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=generator).to(device)
-        t2 = torch.cat([t, t])
-        noisy = sched.add_noise(latents, noise2, t2)
-        if self.prediction_type == "epsilon":
-            return NoisedPairs(noisy, t2, noise)  # shared by the pair: the fused loss reads it once
-        if self.prediction_type == "v_prediction":
-            return NoisedPairs(noisy, t2, sched.get_velocity(latents, noise2, t2))
-        raise ValueError(f"unsupported prediction_type {self.prediction_type!r} (expected epsilon or v_prediction)")
 
     # -- forward -----------------------------------------------------------------------------------
     def predict(self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
@@ -335,9 +294,3 @@ def build_tiny_model(name: str = "fastpref:tiny-unet", *, sample_size: int = 16,
         sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
         return DiffusionModel("sd3", transformer, sched, [_tiny_tokenizer(max_length) for _ in range(2)], encoders)
 
-
-def frozen_copy(module: nn.Module) -> nn.Module:
-    """A detached, frozen copy of ``module`` (the reference for full fine-tuning)."""
-    ref = copy.deepcopy(module)
-    ref.requires_grad_(False)
-    return ref.eval()
