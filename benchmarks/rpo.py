@@ -38,7 +38,7 @@ SAMPLE_SHAPE = (4, 8, 8)
 def missing() -> str | None:
     """Why the RPO benchmark cannot run, or None."""
     if not hasattr(fastpref, "rpo_loss"):
-        return "fastpref.rpo_loss does not exist yet (issue 4): no RPO rows"
+        return "fastpref.rpo_loss does not exist in this fastpref: no RPO rows"
     for name in ("clip_pair_weights_ref", "rpo", "pair_errors"):
         if not hasattr(reference, name):
             return f"fastpref.reference.{name} (the RPO reference) does not exist: no RPO rows"

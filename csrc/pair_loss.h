@@ -79,8 +79,8 @@ struct PairLoss {
 };
 
 // Margin, ℓ and its gradient w.r.t. the winner's and the loser's e_θ for one pair. c0, c1: per-loss
-// constants from the host (pair_loss.py _loss_constants / the public functions). Adding a loss of
-// the family = one `case` here + its id in LOSS_IDS.
+// constants from the host (fastpref/ops/family.py: kernel_scalars). Adding a loss of
+// the family = one `case` here + its id in LOSS_IDS (docs/adding-a-loss.md).
 template <typename T>
 FASTPREF_HD PairLoss<T> pair_loss_and_grad(T mw, T ml, T rw, T rl, T beta, T c0, T c1, int64_t loss) {
   if (loss == kMapo) {  // u = T·(f(e_w) − f(e_l)), ℓ = e_w + β_M·softplus(−u); c0 = s, c1 = T

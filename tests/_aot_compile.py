@@ -17,7 +17,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-TARGET = GPUTarget("cuda", 90, 32)  # H100 / H200 (sm_90); the lent GPU machines
+TARGET = GPUTarget("cuda", 90, 32)  # H100 / H200 (sm_90)
 
 
 # Scalar arguments that are floats; every other non-constexpr scalar is an integer (strides i64).

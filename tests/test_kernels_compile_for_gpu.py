@@ -1,7 +1,7 @@
 """Every Triton kernel compiles to sm_90 machine code (ptxas included) — proven on a CPU-only machine.
 
 The interpreter runs the kernels' arithmetic but not Triton's compiler; this test runs the compiler
-for the lent GPUs' architecture so a kernel that only the GPU path would reject fails here too.
+for the H100/H200 architecture (sm_90) so a kernel that only the GPU path would reject fails here too.
 """
 
 import os

@@ -59,7 +59,7 @@ def _dmpo(model_pred, ref, target, cfg):
 
 
 def _full_target(model_pred, target):
-    # The losses of issue 4 take target (2B, *S); a pair-shared (B, *S) target is repeated for them.
+    # mapo_loss, orpo_loss and kto_loss take target (2B, *S); a pair-shared (B, *S) target is repeated for them.
     return target if target.shape[0] == model_pred.shape[0] else torch.cat([target, target])
 
 
