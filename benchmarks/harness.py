@@ -246,11 +246,12 @@ def _triton_interpreted() -> bool:
     return interpreter_enabled()
 
 
-def discover_providers(device: torch.device, only: tuple[str, ...] | None = None):
+def discover_providers(device: torch.device, only: tuple[str, ...] | None = None, interpreted_triton: bool = False):
     """The providers that run on ``device``: ``(providers, skipped)`` where ``skipped`` maps a
     provider name to the reason it is left out. Each fastpref backend is probed with a tiny forward
     and backward; one that raises (an explicitly requested backend that cannot run raises a
-    ``ValueError`` saying why, it never falls back) is skipped with that message."""
+    ``ValueError`` saying why, it never falls back) is skipped with that message.
+    ``interpreted_triton``: keep the Triton provider on a CPU (its interpreter), for dry runs only."""
     providers, skipped = [EAGER, COMPILE], {}
     probe_case = Case("tiny", 1)
     for backend in losses.BACKENDS:
@@ -259,7 +260,7 @@ def discover_providers(device: torch.device, only: tuple[str, ...] | None = None
         name = f"fastpref-{backend}"
         if only is not None and name not in only:
             continue
-        if backend == "triton" and (device.type != "cuda" or _triton_interpreted()):
+        if backend == "triton" and (device.type != "cuda" or _triton_interpreted()) and not interpreted_triton:
             skipped[name] = (
                 "Triton runs here only through its CPU interpreter (a correctness tool, ~0.3 ms per op "
                 "per program): never timed"
