@@ -6,7 +6,8 @@ needed), in a few minutes:
 1. the GPU parity tests — the Triton kernels against the PyTorch reference on the device
    (``tests/test_pair_loss.py``, ``test_loss_family.py``, ``test_rpo.py``; skipped with a message where
    pytest is not installed: the sweep still compares every provider with eager, step 2);
-2. the sweep preset ``gpu-quick`` (SD1.5/SDXL/SD3 × 1 and 8 pairs, bf16, RPO M = 64 and 1024): eager,
+2. the sweep preset ``gpu-quick`` (SD1.5/SDXL/SD3 × 1 and 8 pairs, bf16, SD1.5 at 520 px × 8 — a sample
+   size off the 16-element grid — and RPO M = 64 and 1024): eager,
    ``torch.compile`` and the fused kernels, forward / backward / full; fails if a fused result is far
    from eager (relative error > :data:`MAX_REL_ERR`);
 3. the roofline table (``benchmarks/roofline.py``) with the launch latency and copy bandwidth measured
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run", action="store_true", help="on a CPU, Triton interpreted: every step, no timing")
     p.add_argument("--out", default=None, help="output prefix (default benchmarks/results/gpu-quick-<device>)")
     p.add_argument("--no-tests", action="store_true", help="skip step 1")
-    p.add_argument("--shapes", default=None, help="comma-separated subset of sd15,sdxl,sd3 (default all three)")
+    p.add_argument("--shapes", default=None, help="comma-separated subset of sd15,sdxl,sd3,sd15-odd (default all)")
     p.add_argument("--pairs", default=None, help="comma-separated subset of 1,8 (default both)")
     p.add_argument("--rpo", default=None, help="comma-separated RPO sizes M (default 64,1024)")
     p.add_argument("--providers", default=None, help="comma-separated subset, e.g. torch,fastpref-triton")

@@ -74,6 +74,7 @@ MODES = ("forward", "backward", "full")
 SHAPES = {
     "tiny": (4, 8, 8),  # smoke tests only
     "sd15": (4, 64, 64),  # SD1.5, 512 px
+    "sd15-odd": (4, 65, 65),  # SD1.5 at 520 px: D = 16 900 is not a multiple of 16 (no 128-bit loads on a GPU)
     "sdxl": (4, 128, 128),  # SDXL, 1024 px
     "sd3": (16, 128, 128),  # SD3 / Flux, 1024 px
     "video": (16, 16, 90, 160),  # 16 latent frames of 16×90×160 (720p-class video VAE)

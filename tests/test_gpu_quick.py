@@ -37,5 +37,5 @@ def test_quick_preset_is_the_documented_subset():
     cases = sweep.preset_cases("gpu-quick")
     assert {(c.shape, c.pairs, c.dtype, c.target, c.ref) for c in cases} == {
         (s, b, "bf16", "full", "ref_pred") for s in ("sd15", "sdxl", "sd3") for b in (1, 8)
-    }
+    } | {("sd15-odd", 8, "bf16", "full", "ref_pred")}
     assert sweep.PRESET_RPO["gpu-quick"] == (64, 1024)
