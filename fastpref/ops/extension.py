@@ -2,7 +2,8 @@
 
 The extension is compiled by :func:`torch.utils.cpp_extension.load` (ninja) the first time a
 C++/CUDA backend is asked for — never at import — and cached on disk: ``$TORCH_EXTENSIONS_DIR``, by
-default ``~/.cache/torch_extensions/<python>_<cuda>/fastpref_C``. The build (~45 s for the CPU
+default ``~/.cache/torch_extensions/<python>_<cuda>/fastpref_C*`` (``_cuda`` with the CUDA sources,
+``_avx2`` when compiled for AVX2). The build (~45 s for the CPU
 sources on a 2-core machine) happens once per machine; torch rebuilds it only when a source file or
 a flag changes, and a file lock serialises concurrent builds. Where CUDA is available (and
 ``CUDA_HOME`` found) the CUDA sources are compiled into the same library, so one ``fastpref::``
