@@ -34,7 +34,7 @@ clean:
 # reference vs torch.compile vs every fastpref backend that runs here (the Triton interpreter is
 # never timed) — a few minutes on a quiet 2-core CPU; BENCH_ARGS passes options to the sweep
 # (e.g. BENCH_ARGS="--threads 1" on a shared machine, "--shapes sd15,sdxl").
-.PHONY: bench bench-gpu
+.PHONY: bench bench-gpu bench-gpu-quick
 bench: $(STAMP)
 	$(PY) -m benchmarks.sweep --preset cpu $(BENCH_ARGS)
 
@@ -49,3 +49,12 @@ bench-gpu:
 	if $(PY) -c "import pytest_benchmark" 2>/dev/null; then \
 	  $(PY) -m pytest benchmarks -q --benchmark-only --benchmark-json benchmarks/results/pytest-benchmark-gpu.json; \
 	else echo "pytest-benchmark not installed: skipped the pytest-benchmark view"; fi
+
+# `make bench-gpu-quick`: the first look at a GPU, one command, meant to fit in ten minutes: the GPU
+# parity tests, the sweep's gpu-quick preset (SD1.5/SDXL/SD3 × 1 and 8 pairs, bf16; RPO M = 64 and
+# 1024) and the roofline table (benchmarks/gpu_quick.py). Runs with .venv's Python when there is one,
+# else the machine's python3 (a GPU image with torch and triton; diffusers/open_clip not needed).
+# Writes benchmarks/results/gpu-quick-<device>.{csv,md,json,png} and ...-roofline.md.
+QUICK_PY = $(if $(wildcard $(PY)),$(PY),python3)
+bench-gpu-quick:
+	$(QUICK_PY) -m benchmarks.gpu_quick $(BENCH_ARGS)

@@ -74,6 +74,7 @@ MODES = ("forward", "backward", "full")
 SHAPES = {
     "tiny": (4, 8, 8),  # smoke tests only
     "sd15": (4, 64, 64),  # SD1.5, 512 px
+    "sd15-odd": (4, 65, 65),  # SD1.5 at 520 px: D = 16 900 is not a multiple of 16 (no 128-bit loads on a GPU)
     "sdxl": (4, 128, 128),  # SDXL, 1024 px
     "sd3": (16, 128, 128),  # SD3 / Flux, 1024 px
     "video": (16, 16, 90, 160),  # 16 latent frames of 16×90×160 (720p-class video VAE)
@@ -246,11 +247,12 @@ def _triton_interpreted() -> bool:
     return interpreter_enabled()
 
 
-def discover_providers(device: torch.device, only: tuple[str, ...] | None = None):
+def discover_providers(device: torch.device, only: tuple[str, ...] | None = None, interpreted_triton: bool = False):
     """The providers that run on ``device``: ``(providers, skipped)`` where ``skipped`` maps a
     provider name to the reason it is left out. Each fastpref backend is probed with a tiny forward
     and backward; one that raises (an explicitly requested backend that cannot run raises a
-    ``ValueError`` saying why, it never falls back) is skipped with that message."""
+    ``ValueError`` saying why, it never falls back) is skipped with that message.
+    ``interpreted_triton``: keep the Triton provider on a CPU (its interpreter), for dry runs only."""
     providers, skipped = [EAGER, COMPILE], {}
     probe_case = Case("tiny", 1)
     for backend in losses.BACKENDS:
@@ -259,7 +261,7 @@ def discover_providers(device: torch.device, only: tuple[str, ...] | None = None
         name = f"fastpref-{backend}"
         if only is not None and name not in only:
             continue
-        if backend == "triton" and (device.type != "cuda" or _triton_interpreted()):
+        if backend == "triton" and (device.type != "cuda" or _triton_interpreted()) and not interpreted_triton:
             skipped[name] = (
                 "Triton runs here only through its CPU interpreter (a correctness tool, ~0.3 ms per op "
                 "per program): never timed"

@@ -17,6 +17,10 @@ Presets
                ``ref_pred``), plus the target × ref variants on every shape at 8 pairs in both dtypes;
                RPO M = 8…4096.
     ``full``   the whole product shape × pairs × dtype × target × ref.
+    ``gpu-quick``  ``make bench-gpu-quick``: SD1.5/SDXL/SD3 × 1 and 8 pairs, bf16, full target,
+               ``ref_pred``, and SD1.5 at 520 px × 8 (D not a multiple of 16); RPO M = 64 and 1024 —
+               the first look at a GPU in a few minutes
+               (``benchmarks/gpu_quick.py`` adds the parity tests and the roofline table).
     ``smoke``  two tiny cases, for the test suite.
 """
 
@@ -67,6 +71,9 @@ def preset_cases(preset: str, loss: str = "sigmoid") -> list[Case]:
     elif preset == "gpu":
         main = [Case(shape, pairs, dtype, loss=loss) for dtype in ("bf16", "fp32") for shape in LATENTS for pairs in PAIRS]
         cases = main + [c for shape in LATENTS for c in _variants(shape, 8, ("bf16", "fp32"), loss)]
+    elif preset == "gpu-quick":
+        cases = [Case(shape, pairs, "bf16", loss=loss) for shape in ("sd15", "sdxl", "sd3") for pairs in (1, 8)]
+        cases.append(Case("sd15-odd", 8, "bf16", loss=loss))  # what a sample size off the 16-grid costs
     elif preset == "full":
         cases = [
             Case(shape, pairs, dtype, target, ref, loss)
@@ -75,7 +82,7 @@ def preset_cases(preset: str, loss: str = "sigmoid") -> list[Case]:
             )
         ]
     else:
-        raise ValueError(f"preset must be one of smoke, cpu, gpu, full; got {preset!r}")
+        raise ValueError(f"preset must be one of {', '.join(PRESET_TIMING)}; got {preset!r}")
     return list(dict.fromkeys(cases))
 
 
@@ -83,9 +90,10 @@ PRESET_TIMING = {
     "smoke": Timing(warmup=1, min_reps=3, max_reps=5, budget_s=0.0),
     "cpu": Timing(warmup=2, min_reps=5, max_reps=50, budget_s=0.25),
     "gpu": Timing(warmup=10, min_reps=20, max_reps=200, budget_s=0.1),
+    "gpu-quick": Timing(warmup=10, min_reps=20, max_reps=200, budget_s=0.1),
     "full": Timing(warmup=10, min_reps=20, max_reps=200, budget_s=0.1),
 }
-PRESET_RPO = {"smoke": (8,), "cpu": RPO_M_CPU, "gpu": RPO_M, "full": RPO_M}
+PRESET_RPO = {"smoke": (8,), "cpu": RPO_M_CPU, "gpu": RPO_M, "gpu-quick": (64, 1024), "full": RPO_M}
 
 
 def _slug(text: str) -> str:
@@ -108,12 +116,17 @@ def run(
     copy_mib: int | None = None,
     shapes: tuple[str, ...] | None = None,
     dtypes: tuple[str, ...] | None = None,
+    rpo_ms: tuple[int, ...] | None = None,
+    pairs: tuple[int, ...] | None = None,
+    interpreted_triton: bool = False,
     log=print,
 ) -> dict:
     """Run a preset; returns ``{"rows", "skipped", "facts", "paths"}`` and writes the files.
 
     ``threads`` sets ``torch.set_num_threads`` (CPU); ``copy_mib`` the size of the copy-bandwidth buffer;
-    ``shapes``/``dtypes`` keep only those cases of the preset (e.g. to split a long GPU run).
+    ``shapes``/``dtypes`` keep only those cases of the preset (e.g. to split a long GPU run), ``rpo_ms``
+    those RPO sizes, ``pairs`` those pair counts. ``interpreted_triton`` runs the Triton provider through the interpreter on a CPU
+    (a dry run of a GPU preset: every step but meaningful times).
     """
     if threads is not None:
         torch.set_num_threads(threads)
@@ -123,7 +136,7 @@ def run(
     bad = set(modes) - set(MODES)
     if bad:
         raise ValueError(f"modes must be among {MODES}, got {sorted(bad)}")
-    bad = set(shapes or ()) - set(LATENTS) - ({"tiny"} if preset == "smoke" else set())
+    bad = set(shapes or ()) - set(LATENTS) - ({"tiny"} if preset == "smoke" else set()) - {"sd15-odd"}
     if bad:
         raise ValueError(f"shapes must be among {LATENTS}, got {sorted(bad)}")
     timing = timing or PRESET_TIMING[preset]
@@ -131,12 +144,13 @@ def run(
         c
         for c in preset_cases(preset, loss)
         if (shapes is None or c.shape in shapes) and (dtypes is None or c.dtype in dtypes)
-    ]
+        and (pairs is None or c.pairs in pairs)
+    ]  # fmt: skip
     started = time.time()
 
     facts = harness.measure_device(device, copy_mib)
     log(f"device: {facts.describe()}")
-    found, skipped = harness.discover_providers(device, providers)
+    found, skipped = harness.discover_providers(device, providers, interpreted_triton=interpreted_triton)
     log(f"providers: {', '.join(p.name for p in found)}")
     for name, why in skipped.items():
         log(f"skipped {name}: {why}")
@@ -152,7 +166,7 @@ def run(
         from benchmarks import rpo as rpo_bench
 
         rpo_rows, why = rpo_bench.run(
-            PRESET_RPO[preset], found, device, facts, modes=modes, timing=timing, memory=memory, skipped=skipped, log=log
+            rpo_ms or PRESET_RPO[preset], found, device, facts, modes=modes, timing=timing, memory=memory, skipped=skipped, log=log
         )
         if why:
             skipped["rpo"] = why
@@ -319,7 +333,7 @@ def markdown(rows, meta) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.sweep", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="cpu", choices=("cpu", "gpu", "full", "smoke"))
+    p.add_argument("--preset", default="cpu", choices=tuple(PRESET_TIMING))
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--providers", default=None, help="comma-separated subset, e.g. torch,torch_compile,fastpref-cpu")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of forward,backward,full")

@@ -6,18 +6,48 @@
 // builds, so torch.set_num_threads applies) across samples *and* within a sample. The chunking
 // depends on D only and each partial is summed in a fixed lane order, then the partials in chunk
 // order: the result is bit-identical for any thread count.
-// Backward: re-reads model_pred and target (no (2B, D) buffer kept from the forward).
-// Accumulation: fp32 for fp16/bf16/fp32 input (fp64 for fp64), chunk partials combined in fp64.
+// Backward, one pass: re-reads model_pred and target and writes the gradient (no (2B, D) buffer kept
+// from the forward).
+// Vectorised with ATen's at::vec: 16 elements per step and stream, bf16/fp16 widened to fp32 in
+// registers (at::vec::convert_to_float) and the gradient narrowed back with round-to-nearest-even
+// (convert_from_float, as c10's scalar conversion). fastpref/ops/extension.py compiles this file for
+// AVX2 + FMA + F16C when ATen reports that capability on the building machine (else at::vec's
+// portable code). Accumulation: fp32 for fp16/bf16/fp32 input (fp64 for fp64), chunk partials
+// combined in fp64.
+// Page faults: a fresh multi-MiB gradient comes from mmap (glibc maps every block above 32 MiB), and
+// on a VM every first touch of a 4 KiB page costs a fault, then the kernel zeroes it (measured on the
+// 2-vCPU EPYC VM: 67 ms of CPU time to fill a fresh 64 MiB tensor, 8 ms a reused one). Two remedies:
+// (1) the backward keeps the storage of its last large gradient and writes the next gradient into it
+// when nothing else references it any more (the previous step's gradient has been consumed and
+// freed, as in a training loop; a caller that still holds it gets a fresh buffer, so no result is
+// ever overwritten) — one gradient-sized buffer stays allocated between calls;
+// (2) a fresh buffer asks for transparent huge pages (madvise MADV_HUGEPAGE, a no-op where THP is
+// off): one fault per 2 MiB instead of per 4 KiB.
+// A gradient larger than the L3 cache is written with streaming (non-temporal) stores: its lines are
+// not read from DRAM before being overwritten.
 #include "../pair_loss.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/strides.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <mutex>
+#include <type_traits>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+#if defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
 
 namespace fastpref {
 namespace {
@@ -33,26 +63,99 @@ inline acc_t lanes_sum(const acc_t (&lanes)[kLanes]) {
   return s;
 }
 
-// Σ(model − target)² for winner and loser (and the same for ref when HAS_REF) over [lo, hi).
+using FVec = at::vec::Vectorized<float>;
+constexpr int kStep = 2 * FVec::size();  // elements per vector step and stream (16 with AVX2)
+static_assert(kStep == kLanes, "one fp32 lane per element of a vector step");
+
+// kStep elements at p widened to fp32: two fp32 vectors
+template <typename scalar_t>
+inline void load_step(const scalar_t* p, FVec& lo, FVec& hi) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    lo = FVec::loadu(p);
+    hi = FVec::loadu(p + FVec::size());
+  } else {
+    std::tie(lo, hi) = at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(p));
+  }
+}
+
+template <typename scalar_t>
+inline void store_step(scalar_t* p, const FVec& lo, const FVec& hi) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    lo.store(p);
+    hi.store(p + FVec::size());
+  } else {
+    at::vec::convert_from_float<scalar_t>(lo, hi).store(p);
+  }
+}
+
+template <typename scalar_t>
+constexpr bool kVectorised = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16> ||
+                             std::is_same_v<scalar_t, at::Half>;
+
+// Σ(model − target)² for winner and loser (and the same for ref when HAS_REF) over [0, len).
+// Lane k of the accumulators holds the elements j ≡ k (mod kLanes), in both the vector body and the
+// scalar tail: a fixed order for a given len, whatever the thread count.
 template <typename scalar_t, bool HAS_REF, bool SHARED>
 void chunk_sums(const scalar_t* mw, const scalar_t* ml, const scalar_t* rw, const scalar_t* rl,
                 const scalar_t* tw, const scalar_t* tl, int64_t len, at::opmath_type<scalar_t>* out) {
   using acc_t = at::opmath_type<scalar_t>;
   acc_t a_mw[kLanes] = {}, a_ml[kLanes] = {}, a_rw[kLanes] = {}, a_rl[kLanes] = {};
-  auto step = [&](int64_t j, int k) {
-    const acc_t t0 = static_cast<acc_t>(tw[j]);
-    const acc_t t1 = SHARED ? t0 : static_cast<acc_t>(tl[j]);
-    const acc_t dw = static_cast<acc_t>(mw[j]) - t0, dl = static_cast<acc_t>(ml[j]) - t1;
+  int64_t j = 0;
+  if constexpr (kVectorised<scalar_t>) {
+    FVec v_mw[2] = {FVec(0.f), FVec(0.f)}, v_ml[2] = {FVec(0.f), FVec(0.f)};
+    FVec v_rw[2] = {FVec(0.f), FVec(0.f)}, v_rl[2] = {FVec(0.f), FVec(0.f)};
+    FVec t0[2], t1[2], x[2];
+    for (; j + kStep <= len; j += kStep) {
+      load_step(tw + j, t0[0], t0[1]);
+      if constexpr (SHARED) {
+        t1[0] = t0[0];
+        t1[1] = t0[1];
+      } else {
+        load_step(tl + j, t1[0], t1[1]);
+      }
+      load_step(mw + j, x[0], x[1]);
+      for (int h = 0; h < 2; ++h) {
+        const FVec d = x[h] - t0[h];
+        v_mw[h] = at::vec::fmadd(d, d, v_mw[h]);
+      }
+      load_step(ml + j, x[0], x[1]);
+      for (int h = 0; h < 2; ++h) {
+        const FVec d = x[h] - t1[h];
+        v_ml[h] = at::vec::fmadd(d, d, v_ml[h]);
+      }
+      if constexpr (HAS_REF) {
+        load_step(rw + j, x[0], x[1]);
+        for (int h = 0; h < 2; ++h) {
+          const FVec d = x[h] - t0[h];
+          v_rw[h] = at::vec::fmadd(d, d, v_rw[h]);
+        }
+        load_step(rl + j, x[0], x[1]);
+        for (int h = 0; h < 2; ++h) {
+          const FVec d = x[h] - t1[h];
+          v_rl[h] = at::vec::fmadd(d, d, v_rl[h]);
+        }
+      }
+    }
+    for (int h = 0; h < 2; ++h) {  // lanes h·size … (h+1)·size − 1
+      v_mw[h].store(a_mw + h * FVec::size());
+      v_ml[h].store(a_ml + h * FVec::size());
+      v_rw[h].store(a_rw + h * FVec::size());
+      v_rl[h].store(a_rl + h * FVec::size());
+    }
+  }
+  auto step = [&](int64_t i, int k) {
+    const acc_t t0 = static_cast<acc_t>(tw[i]);
+    const acc_t t1 = SHARED ? t0 : static_cast<acc_t>(tl[i]);
+    const acc_t dw = static_cast<acc_t>(mw[i]) - t0, dl = static_cast<acc_t>(ml[i]) - t1;
     a_mw[k] += dw * dw;
     a_ml[k] += dl * dl;
     if (HAS_REF) {
-      const acc_t ew = static_cast<acc_t>(rw[j]) - t0, el = static_cast<acc_t>(rl[j]) - t1;
+      const acc_t ew = static_cast<acc_t>(rw[i]) - t0, el = static_cast<acc_t>(rl[i]) - t1;
       a_rw[k] += ew * ew;
       a_rl[k] += el * el;
     }
   };
-  int64_t j = 0;
-  for (; j + kLanes <= len; j += kLanes) {
+  for (; j + kLanes <= len; j += kLanes) {  // fp64 (or no vector body): the scalar form of the same order
     for (int k = 0; k < kLanes; ++k) step(j + k, k);
   }
   for (int k = 0; j + k < len; ++k) step(j + k, k);
@@ -60,6 +163,96 @@ void chunk_sums(const scalar_t* mw, const scalar_t* ml, const scalar_t* rw, cons
   out[1] = lanes_sum<acc_t>(a_ml);
   out[2] = HAS_REF ? lanes_sum<acc_t>(a_rw) : acc_t(0);
   out[3] = HAS_REF ? lanes_sum<acc_t>(a_rl) : acc_t(0);
+}
+
+#if defined(CPU_CAPABILITY_AVX2)
+constexpr bool kStreamingStores = true;
+// 32 aligned bytes written around the caches (no read-for-ownership of the destination line)
+template <typename scalar_t>
+inline void stream_step(scalar_t* p, const FVec& lo, const FVec& hi) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    _mm256_stream_ps(p, lo);
+    _mm256_stream_ps(p + FVec::size(), hi);
+  } else {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), at::vec::convert_from_float<scalar_t>(lo, hi));
+  }
+}
+inline void stream_fence() { _mm_sfence(); }
+#else
+constexpr bool kStreamingStores = false;
+template <typename scalar_t>
+inline void stream_step(scalar_t* p, const FVec& lo, const FVec& hi) {
+  store_step(p, lo, hi);
+}
+inline void stream_fence() {}
+#endif
+
+// grad[j] = c·(model[j] − target[j]) over [lo, hi), narrowed to scalar_t. STREAM: non-temporal
+// stores, for a gradient larger than the caches (its lines would be read from DRAM only to be
+// overwritten); the caller fences.
+template <typename scalar_t, bool STREAM>
+void grad_row(const scalar_t* m, const scalar_t* t, scalar_t* out, at::opmath_type<scalar_t> c, int64_t lo,
+              int64_t hi) {
+  using acc_t = at::opmath_type<scalar_t>;
+  int64_t j = lo;
+  if constexpr (kVectorised<scalar_t>) {
+    const FVec cv(c);
+    FVec a[2], b[2];
+    if constexpr (STREAM) {  // scalar head up to a 32-byte boundary, then aligned streaming stores
+      for (; j < hi && reinterpret_cast<uintptr_t>(out + j) % 32 != 0; ++j) {
+        out[j] = static_cast<scalar_t>(c * (static_cast<acc_t>(m[j]) - static_cast<acc_t>(t[j])));
+      }
+    }
+    for (; j + kStep <= hi; j += kStep) {
+      load_step(m + j, a[0], a[1]);
+      load_step(t + j, b[0], b[1]);
+      if constexpr (STREAM) {
+        stream_step(out + j, cv * (a[0] - b[0]), cv * (a[1] - b[1]));
+      } else {
+        store_step(out + j, cv * (a[0] - b[0]), cv * (a[1] - b[1]));
+      }
+    }
+  }
+  for (; j < hi; ++j) out[j] = static_cast<scalar_t>(c * (static_cast<acc_t>(m[j]) - static_cast<acc_t>(t[j])));
+}
+
+// Gradients from this size on are written with streaming stores (about the L3 of the machines this
+// was measured on; a smaller gradient is better left in cache for its consumer).
+constexpr size_t kStreamMinBytes = size_t(32) << 20;
+
+// Transparent huge pages for a fresh buffer, before its first touch (see the file comment).
+void advise_huge_pages(void* data, size_t nbytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + nbytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // advice only
+#else
+  (void)data;
+  (void)nbytes;
+#endif
+}
+
+// Gradients from this size on reuse the previous call's storage when it is free (see the file
+// comment); smaller ones come from the heap, which already recycles them without faults.
+constexpr size_t kReuseMinBytes = size_t(4) << 20;
+
+// A contiguous, uninitialised tensor shaped like `like` for the gradient: the cached storage when
+// nothing but the cache references it, else a fresh (huge-page advised) allocation that becomes the
+// cached one.
+at::Tensor gradient_buffer(const at::Tensor& like) {
+  const auto opts = like.options().memory_format(at::MemoryFormat::Contiguous);
+  const size_t nbytes = static_cast<size_t>(like.numel()) * like.element_size();
+  if (nbytes < kReuseMinBytes) return at::empty(like.sizes(), opts);
+  static std::mutex mu;
+  static c10::Storage cached;  // one entry: the last large gradient's storage
+  std::lock_guard<std::mutex> lock(mu);
+  if (!(cached && cached.use_count() == 1 && cached.nbytes() == nbytes)) {
+    at::Tensor fresh = at::empty({static_cast<int64_t>(nbytes)}, opts.dtype(at::kByte));
+    advise_huge_pages(fresh.data_ptr(), nbytes);
+    cached = fresh.storage();
+  }
+  return at::empty({0}, opts).set_(cached, 0, like.sizes(), c10::contiguous_strides(like.sizes()));
 }
 
 template <typename scalar_t>
@@ -159,7 +352,7 @@ at::Tensor pair_loss_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& model
   const at::Tensor t2 = as_rows(target, target.size(0));
   const int64_t D = m2.size(1);
   const bool shared = t2.size(0) != n;
-  at::Tensor grad = at::empty(model_pred.sizes(), model_pred.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad = gradient_buffer(model_pred);
   const int64_t nchunks = (D + kChunk - 1) / kChunk;
   // coef = 2/D (· 1/B for "mean"), as in the Triton backward
   const double coef = 2.0 / static_cast<double>(D) / (reduction == kMean ? static_cast<double>(B) : 1.0);
@@ -176,6 +369,7 @@ at::Tensor pair_loss_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& model
     scalar_t* out = grad.data_ptr<scalar_t>();
     const int64_t sm = m2.stride(0), st = t2.stride(0);
     const int64_t grain = std::max<int64_t>(1, kMinPerThread / std::min(D, kChunk));
+    const bool stream = kStreamingStores && kVectorised<scalar_t> && grad.nbytes() >= kStreamMinBytes;
     at::parallel_for(0, n * nchunks, grain, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t k = task / nchunks, c = task % nchunks;
@@ -183,13 +377,10 @@ at::Tensor pair_loss_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& model
         const acc_t g = gop[reduction == kNone ? pair : 0] * static_cast<acc_t>(coef);
         const acc_t ck = g * dlp[k];
         const int64_t lo = c * kChunk, hi = std::min(D, lo + kChunk);
-        const scalar_t* mk = m + k * sm;
-        const scalar_t* tk = t + trow * st;
-        scalar_t* ok = out + k * D;
-        for (int64_t j = lo; j < hi; ++j) {
-          ok[j] = static_cast<scalar_t>(ck * (static_cast<acc_t>(mk[j]) - static_cast<acc_t>(tk[j])));
-        }
+        stream ? grad_row<scalar_t, true>(m + k * sm, t + trow * st, out + k * D, ck, lo, hi)
+               : grad_row<scalar_t, false>(m + k * sm, t + trow * st, out + k * D, ck, lo, hi);
       }
+      if (stream) stream_fence();  // this thread's streaming stores are visible before the op returns
     });
   });
   return grad;

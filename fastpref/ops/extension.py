@@ -2,7 +2,8 @@
 
 The extension is compiled by :func:`torch.utils.cpp_extension.load` (ninja) the first time a
 C++/CUDA backend is asked for — never at import — and cached on disk: ``$TORCH_EXTENSIONS_DIR``, by
-default ``~/.cache/torch_extensions/<python>_<cuda>/fastpref_C``. The build (~45 s for the CPU
+default ``~/.cache/torch_extensions/<python>_<cuda>/fastpref_C*`` (``_cuda`` with the CUDA sources,
+``_avx2`` when compiled for AVX2). The build (~45 s for the CPU
 sources on a 2-core machine) happens once per machine; torch rebuilds it only when a source file or
 a flag changes, and a file lock serialises concurrent builds. Where CUDA is available (and
 ``CUDA_HOME`` found) the CUDA sources are compiled into the same library, so one ``fastpref::``
@@ -44,10 +45,31 @@ def sources(with_cuda: bool) -> list[str]:
     return [str(f) for f in files]
 
 
+#: what x86 vector code the C++ sources are compiled for when ATen detects AVX2 (or better) here:
+#: at::vec's AVX2 specialisations (8 fp32 lanes, F16C conversions, FMA)
+AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+
+
+def cpu_capability() -> str:
+    """``"avx2"`` when ATen reports AVX2 or AVX-512 on this machine (and x86), else ``"default"``."""
+    import platform
+
+    cap = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else "DEFAULT"
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return "avx2" if x86 and cap.upper().startswith(("AVX2", "AVX512")) else "default"
+
+
 def build_flags() -> dict:
     """Compiler flags: -O3 and OpenMP (at::parallel_for is OpenMP in PyTorch's builds and only
-    parallelises code compiled with -fopenmp). No -march=native: the cache may be shared."""
-    return dict(extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], extra_cuda_cflags=["-O3"])
+    parallelises code compiled with -fopenmp), and AVX2/FMA/F16C where this machine has them. No
+    -march=native: the build cache may be shared, so the vector ISA is part of the library's name
+    (:func:`library_name`) and a machine without AVX2 builds and loads its own portable copy."""
+    cflags = ["-O3", "-fopenmp"] + (AVX2_FLAGS if cpu_capability() == "avx2" else [])
+    return dict(extra_cflags=cflags, extra_ldflags=["-fopenmp"], extra_cuda_cflags=["-O3"])
+
+
+def library_name(with_cuda: bool) -> str:
+    return NAME + ("_cuda" if with_cuda else "") + ("_avx2" if cpu_capability() == "avx2" else "")
 
 
 def _wants_cuda() -> bool:
@@ -66,7 +88,7 @@ def build(with_cuda: bool) -> None:
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
     logger.info("fastpref: building the C++ extension (once per machine; cached under %s)", root)
     cpp_extension.load(
-        name=NAME + ("_cuda" if with_cuda else ""),
+        name=library_name(with_cuda),
         sources=sources(with_cuda),
         is_python_module=False,  # the library registers torch.ops.fastpref.*; no Python module
         verbose=os.environ.get("FASTPREF_VERBOSE_BUILD", "0") == "1",

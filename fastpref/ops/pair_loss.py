@@ -407,19 +407,27 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def launch_config(num_pairs: int, numel: int, device: torch.device, num_splits: int | None = None):
+def launch_config(num_pairs: int, numel: int, device: torch.device, num_splits: int | None = None,
+                  element_size: int = 2):
     """Pick ``(BLOCK, num_warps, splits, chunk)`` for B pairs of ``numel`` elements per sample.
 
-    On a GPU: 2048-element blocks (8 fp32 / 16-byte bf16 vectors per thread at 8 warps), and enough
-    splits of S for ~4 programs per SM, each at least two blocks long. In the interpreter every tl op
-    costs ~0.3 ms per program whatever its width, so one wide block per sample and no splits.
-    ``num_splits`` overrides the split count (tests use it to cover the split path on the CPU).
+    On a GPU: 8 warps and a block of one 16-byte vector per thread and tensor (2048 bf16/fp16, 1024
+    fp32 elements), so every streamed tensor is read with one 128-bit load per thread per iteration and
+    the forward stays within 64 registers: 4 programs resident per SM (``tests/_aot_compile.py``
+    checks both on sm_80 and sm_90). Splits of S: as many as fill one wave of 4 programs per SM
+    without a partial second wave, each at least two blocks long (the reasoning, with a roofline
+    model: ``benchmarks/roofline.py``).
+    In the interpreter every tl op costs ~0.3 ms per program whatever its width, so one wide block per
+    sample and no splits. ``num_splits`` overrides the split count (tests use it to cover the split
+    path on the CPU); ``element_size`` is the bytes per element of the streamed tensors.
     """
     if device.type == "cuda" and not interpreter_enabled():
-        block, num_warps = 2048, 8
+        num_warps = 8
+        block = 32 * num_warps * 16 // element_size
         if num_splits is None:
-            want = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-            num_splits = max(1, min(triton.cdiv(want, num_pairs), triton.cdiv(numel, 2 * block), 64))
+            # one full wave: B·splits ≤ 4·SMs resident programs, never a partial second wave
+            slots = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+            num_splits = max(1, min(slots // num_pairs, triton.cdiv(numel, 2 * block)))
     else:
         block, num_warps = min(triton.next_power_of_2(numel), 16384), 4
         num_splits = num_splits or 1
@@ -484,7 +492,7 @@ def pair_loss_forward(model_pred, ref_pred, target, ref_err, labels, loss, beta,
     target2d = _rows(target, target.shape[0])
     ref2d = _rows(ref_pred, n) if ref_pred is not None else None
     numel = model2d.shape[1]
-    cfg = launch_config(num_pairs, numel, model2d.device, num_splits)
+    cfg = launch_config(num_pairs, numel, model2d.device, num_splits, model2d.element_size())
     partial = pair_err_partials(model2d, ref2d, target2d, num_pairs, cfg)
 
     dev = model2d.device
@@ -515,7 +523,7 @@ def pair_loss_backward(grad_out, model_pred, target, dl_de, loss, reduction, num
     unpaired = loss in UNPAIRED_LOSSES
     model2d, target2d = _rows(model_pred, n), _rows(target, target.shape[0])
     numel = model2d.shape[1]
-    cfg = launch_config(num_pairs, numel, model2d.device, num_splits)
+    cfg = launch_config(num_pairs, numel, model2d.device, num_splits, model2d.element_size())
     coef = 2.0 / numel / ((n if unpaired else num_pairs) if reduction == "mean" else 1)
     grad = pair_err_backward(model2d, target2d, dl_de, grad_out, coef, num_pairs, cfg, unpaired)
     return grad.view(model_pred.shape)
@@ -534,7 +542,7 @@ class PairErrors(torch.autograd.Function):
         target2d = _rows(target, target.shape[0])
         ref2d = _rows(ref_pred, n) if ref_pred is not None else None
         numel = model2d.shape[1]
-        cfg = launch_config(num_pairs, numel, model2d.device, num_splits)
+        cfg = launch_config(num_pairs, numel, model2d.device, num_splits, model2d.element_size())
         partial = pair_err_partials(model2d, ref2d, target2d, num_pairs, cfg)
         err = partial.sum(dim=2) * (1.0 / numel)  # (2, N): the fixed-order split sum, O(N·SPLITS)
         ctx.save_for_backward(model2d, target2d)

@@ -239,9 +239,9 @@ def test_cache_latents_flag_and_toml_key(tmp_path):
     assert parse_args([]).cache_latents is False
     assert parse_args(["--cache_latents"]).cache_latents is True
     toml = tmp_path / "run.toml"
-    toml.write_text('cache_latents = true\nlatent_cache_dir = "shared/latents"\n')
+    toml.write_text('cache_latents = true\nlatent_cache_dir = "caches/latents"\n')
     cfg = parse_args(["--config", str(toml)])
-    assert (cfg.cache_latents, cfg.latent_cache_dir) == (True, "shared/latents")
+    assert (cfg.cache_latents, cfg.latent_cache_dir) == (True, "caches/latents")
     assert parse_args(["--config", str(toml), "--no-cache_latents"]).cache_latents is False
     toml.write_text('cache_latents = "yes"\n')
     with pytest.raises(ValueError, match="--cache_latents must be true or false"):

@@ -1,0 +1,120 @@
+"""The C++ CPU op against the copy bandwidth and ``torch.compile``, timed in interleaved rounds.
+
+``python -m benchmarks.cpu_op [--threads 1] [--rounds 7] [--shapes sd15x16:fp32,…]``
+
+For each case (``dmpo_loss`` with ``ref_pred`` and a full target, forward + backward) the providers
+run one after the other inside every round — ``copy`` (``dst.copy_(src)`` of the op's 6N·s bytes:
+3N·s read + 3N·s written, the machine's streaming rate right now), ``compile`` (``torch.compile`` of
+the eager reference), ``fastpref`` (the C++ op) — so a load spike from other processes hits every
+provider of a round alike; the table gives medians over rounds of wall and process CPU time, the
+op's bandwidth as % of the copy's, and its speed-up over compile. The machine is shared: read the
+ratios, and the load average printed with them, not the absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+import fastpref
+from fastpref import reference
+
+#: name → (sample shape, pairs); the issue's three cases and the CPU sweep's larger ones
+SHAPES = {
+    "sd15x16": ((4, 64, 64), 16),
+    "sdxlx16": ((4, 128, 128), 16),
+    "sd3x8": ((16, 128, 128), 8),
+    "sd3x32": ((16, 128, 128), 32),
+}
+DEFAULT = "sd15x16:fp32,sdxlx16:bf16,sd3x8:bf16,sd3x8:fp32,sd3x32:fp32,sd3x32:bf16"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def inputs(shape, pairs, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = 2 * pairs
+    target = torch.randn((n, *shape), generator=g).to(dtype)
+    ref = (target.float() + torch.randn((n, *shape), generator=g)).to(dtype)
+    model = (ref.float() + 0.3 * torch.randn((n, *shape), generator=g)).to(dtype).requires_grad_(True)
+    return model, ref, target
+
+
+def _eager(model, ref, target):
+    return reference.pair_loss_ref("dmpo", model, ref, target, beta=5000.0, alpha=0.01)[0]
+
+
+def _fastpref(model, ref, target):
+    return fastpref.dmpo_loss(model, ref, target, beta=5000.0, alpha=0.01, backend="cpu")
+
+
+def _timed(fn):
+    c, w = time.process_time(), time.perf_counter()
+    fn()
+    return time.perf_counter() - w, time.process_time() - c
+
+
+def run_case(name, dtype_name, rounds, log=print):
+    shape, pairs = SHAPES[name]
+    dt = DTYPES[dtype_name]
+    model, ref, target = inputs(shape, pairs, dt)
+    nbytes = 6 * model.numel() * model.element_size()
+    src = torch.empty(nbytes // 2, dtype=torch.uint8).fill_(1)
+    dst = torch.empty_like(src).fill_(0)
+    compiled = torch.compile(_eager, dynamic=False)
+
+    def step(fn):
+        def go():
+            model.grad = None
+            fn(model, ref, target).backward()
+
+        return go
+
+    providers = {"copy": lambda: dst.copy_(src), "compile": step(compiled), "fastpref": step(_fastpref)}
+    for fn in providers.values():  # warm-up: compile, build, first-touch
+        fn()
+        fn()
+    times = {k: [] for k in providers}
+    for _ in range(rounds):
+        for k, fn in providers.items():
+            times[k].append(_timed(fn))
+    med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in times.items()}
+    row = {
+        "case": f"{name} {dtype_name}",
+        "MiB": nbytes / 2**20,
+        **{f"{k} ms": med[k][0] * 1e3 for k in providers},
+        **{f"{k} cpu ms": med[k][1] * 1e3 for k in providers},
+        "% copy BW": 100 * med["copy"][0] / med["fastpref"][0],
+        "% copy BW (cpu)": 100 * med["copy"][1] / med["fastpref"][1],
+        "vs compile": med["compile"][0] / med["fastpref"][0],
+        "vs compile (cpu)": med["compile"][1] / med["fastpref"][1],
+        "load": os.getloadavg()[0],
+    }
+    log(" | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()))
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.cpu_op", description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--cases", default=DEFAULT, help=f"comma-separated name:dtype, names {sorted(SHAPES)}")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"# {torch.get_num_threads()} thread(s), torch {torch.__version__}, load average {os.getloadavg()}")
+    cols = ["case", "MiB moved", "copy ms", "compile ms", "fastpref ms", "copy CPU ms", "compile CPU ms",
+            "fastpref CPU ms", "% copy BW", "% copy BW (CPU time)", "vs compile", "vs compile (CPU time)", "load"]  # fmt: skip
+    print("| " + " | ".join(cols) + " |\n|" + " --- |" * len(cols))
+    for spec in args.cases.split(","):
+        name, dtype_name = spec.split(":")
+        run_case(name, dtype_name, args.rounds, log=lambda line: print(f"| {line} |", flush=True))
+    print(f"# load average at the end {os.getloadavg()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
