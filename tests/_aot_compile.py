@@ -119,10 +119,16 @@ def recording(sm_count: int, log: list, case: list):
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+#: every loss's parameters, for :func:`fastpref.ops.family.kernel_scalars` (values do not change the code)
+SCALARS = dict(beta=1.0, alpha=0.5, margin=1e-3, snr_value=0.5, num_train_timesteps=1000.0, lambda_orpo=0.1,
+               lambda_desirable=1.0, lambda_undesirable=1.0)
+
+
 def pair_launches(sample_shape, dtypes=tuple(DTYPES), losses=None, reductions=("mean", "none"), log=None, case=None):
     """Run the pair-loss launchers (forward and backward, every loss × dtype × target form × ref form ×
     reduction) on CPU tensors; the recorders collect the kernel launches."""
     from fastpref.ops import pair_loss as P
+    from fastpref.ops.family import kernel_scalars
 
     losses = losses or tuple(P.LOSS_IDS)
     b = PAIRS
@@ -141,8 +147,8 @@ def pair_launches(sample_shape, dtypes=tuple(DTYPES), losses=None, reductions=("
                     labels = torch.ones(n) if unpaired else None
                     for reduction in reductions:
                         case[0] = f"{loss} {dtype_name} target={'shared' if shared else 'full'} {ref} {reduction}"
-                        c0, c1 = P._loss_constants(loss, 1.0, 0.5)
-                        out, _, _, dl_de = P.pair_loss_forward(model, ref_pred, target, ref_err, labels, loss, 1.0,
+                        beta, c0, c1 = kernel_scalars(loss, **SCALARS)
+                        out, _, _, dl_de = P.pair_loss_forward(model, ref_pred, target, ref_err, labels, loss, beta,
                                                                c0, c1, reduction)  # fmt: skip
                         grad_out = torch.ones(out.shape)
                         P.pair_loss_backward(grad_out, model, target, dl_de, loss, reduction)
