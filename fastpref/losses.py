@@ -463,6 +463,7 @@ def kto_loss(
     beta: float = 1000.0,
     lambda_desirable: float = 1.0,
     lambda_undesirable: float = 1.0,
+    group=None,
     reduction: str = "mean",
     return_stats: bool = False,
     backend: str = "auto",
@@ -480,6 +481,11 @@ def kto_loss(
         labels: ``(N,)`` bool / integer / float, 1 = desirable, 0 = undesirable.
         beta: β = 1000 (Diffusion-KTO) on mean errors.
         lambda_desirable, lambda_undesirable: λ_D, λ_U, the class weights (1, 1).
+        group: a ``torch.distributed`` process group: z is the mean over the samples of every rank
+            (one all-reduce of two numbers, no host sync), as the diffusion-kto training script
+            reduces it across processes. Every rank of the group must call the loss. z is a constant
+            of the loss, so no gradient crosses ranks: ``"mean"`` stays this rank's mean, and DDP's
+            gradient average over ranks makes it the global mean when ranks hold the same N.
         reduction: ``"mean"`` over the N samples, ``"sum"``, or ``"none"`` (``(N,)``).
         return_stats: also return :class:`KTOStats` (implicit rewards β(g − z), z, errors, labels).
     """
@@ -489,14 +495,37 @@ def kto_loss(
     _check_choice("reduction", reduction, REDUCTIONS)
     n = check_pair_inputs(model_pred, ref_pred, target, ref_err, paired=False)
     _check_labels(labels, n, model_pred.device)
-    r = _run("kto", model_pred, ref_pred, target, ref_err, reduction=reduction, backend=backend, labels=labels,
-             beta=beta, lambda_desirable=lambda_desirable, lambda_undesirable=lambda_undesirable)  # fmt: skip
+    params = dict(beta=beta, lambda_desirable=lambda_desirable, lambda_undesirable=lambda_undesirable)
+    if group is None:  # z of this batch, inside the fused kernel
+        r = _run("kto", model_pred, ref_pred, target, ref_err, reduction=reduction, backend=backend, labels=labels,
+                 **params)  # fmt: skip
+        z = reference.kto_reference_point(r.ref_err - r.model_err)
+    else:
+        r, z = _run_kto_group(model_pred, ref_pred, target, ref_err, labels, group, reduction, backend, params)
     if return_stats:
-        z = torch.clamp((r.ref_err - r.model_err).mean(), min=0.0)
         return r.loss, KTOStats(implicit_reward=r.u.detach(), reference_point=z.detach(),
                                 model_err=r.model_err.detach(), ref_err=r.ref_err.detach(),
                                 desirable=labels.detach() != 0)  # fmt: skip
     return r.loss
+
+
+def _run_kto_group(model_pred, ref_pred, target, ref_err, labels, group, reduction, backend, params):
+    """:func:`kto_loss` with z over every rank's samples: the per-sample errors (fused on Triton) →
+    the all-reduced z → the per-sample losses on the ``(N,)`` errors (:func:`fastpref.reference.kto`).
+    Returns ``(_Out, z)``."""
+    _world(group)
+    if resolve_backend(backend, model_pred.device, "kto") == "triton":
+        from fastpref.ops.pair_loss import fused_pair_errors
+
+        model_err, ref_from_pred = fused_pair_errors(model_pred, ref_pred, target)
+    else:
+        model_err = reference.pair_errors(model_pred, target)
+        ref_from_pred = reference.pair_errors(ref_pred, target) if ref_pred is not None else None
+    ref_err_out = ref_from_pred if ref_err is None else ref_err.to(model_err.dtype)
+    losses, u, z = reference.kto(model_err, ref_err_out, labels, group=group, **params)
+    dt = result_dtype(model_pred, ref_pred, target, ref_err)
+    out = reference.reduce(losses, reduction)
+    return _Out(out.to(dt), u.to(dt), model_err.to(dt), ref_err_out.to(dt)), z.to(dt)
 
 
 def dro_loss(

@@ -165,6 +165,7 @@ __all__ += [
     "mapo",
     "orpo_log_odds",
     "orpo",
+    "kto_reference_point",
     "kto",
     "dro",
     "clip_pair_weights_ref",
@@ -239,16 +240,34 @@ def orpo(model_err: torch.Tensor, beta: float, lambda_orpo: float):
     return mw + lambda_orpo * F.softplus(-r), r
 
 
-def kto(model_err, ref_err, labels, beta: float, lambda_desirable: float, lambda_undesirable: float):
+def kto_reference_point(g: torch.Tensor, group=None) -> torch.Tensor:
+    """Diffusion-KTO's reference point ``z = max(0, mean_k g_k)``, detached (a 0-d tensor).
+
+    With a ``torch.distributed`` process ``group`` the mean runs over the samples of every rank: one
+    all-reduce of ``(Σ_k g_k, N)``, no host sync. The diffusion-kto training script averages the
+    per-rank means (``accelerator.reduce(g.mean(), reduction="mean")``), which is the same number
+    when every rank holds the same N."""
+    g = g.detach()
+    if group is None:
+        return torch.clamp(g.mean(), min=0.0)
+    import torch.distributed as dist
+
+    total = torch.stack([g.sum(), g.new_full((), g.numel())])
+    dist.all_reduce(total, group=group)
+    return torch.clamp(total[0] / total[1], min=0.0)
+
+
+def kto(model_err, ref_err, labels, beta: float, lambda_desirable: float, lambda_undesirable: float, group=None):
     """Diffusion-KTO, unpaired. Per sample k with label y_k ∈ {0, 1} (1 = desirable)
 
         g_k = e_ref[k] − e_θ[k],  z = max(0, mean_k g_k) (detached),
         ℓ_k = λ_y·(1 − σ((2y_k − 1)·β·(g_k − z)))
 
+    ``group``: the mean in z runs over every rank's samples (:func:`kto_reference_point`).
     Returns ``(losses (N,), β·(g − z) (N,), z)``.
     """
     g = ref_err - model_err
-    z = torch.clamp(g.detach().mean(), min=0.0)
+    z = kto_reference_point(g, group)
     y = labels.to(torch.bool)
     sign = torch.where(y, 1.0, -1.0).to(g.dtype)
     lam = torch.where(y, lambda_desirable, lambda_undesirable).to(g.dtype)

@@ -71,12 +71,25 @@ def _orpo(model_pred, ref, target, cfg):
     return fastpref.orpo_loss(model_pred, _full_target(model_pred, target), return_stats=True, **_beta(cfg))
 
 
+def _training_group(model_pred):
+    """The process group of a multi-process training step, else ``None``. Only a prediction that
+    carries a graph is a training step, which every process runs together; the held-out evaluation
+    (process 0 alone, under ``no_grad``) must not wait for the others in a collective."""
+    import torch.distributed as dist
+
+    if model_pred.requires_grad and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
+
+
 def _kto(model_pred, ref, target, cfg):
-    # Paired data read as unpaired: winners desirable (1), losers undesirable (0).
+    # Paired data read as unpaired: winners desirable (1), losers undesirable (0). The reference point
+    # z is the mean over every process's samples, as in the diffusion-kto training script.
     b = model_pred.shape[0] // 2
     labels = torch.cat([torch.ones(b), torch.zeros(b)]).to(model_pred.device)
     return fastpref.kto_loss(model_pred, ref.get("ref_pred"), _full_target(model_pred, target), labels,
-                             ref_err=ref.get("ref_err"), return_stats=True, **_beta(cfg))
+                             ref_err=ref.get("ref_err"), group=_training_group(model_pred), return_stats=True,
+                             **_beta(cfg))
 
 
 def _build() -> dict[str, Objective]:
