@@ -31,30 +31,6 @@ RUNS = {  # loss → what is trained
 
 
 @contextlib.contextmanager
-def per_pair_draws():
-    """Each pair's noise and timestep drawn from (seed, pair, epoch), whatever batch and process it
-    lands in, so that 2 processes × B pairs and 1 process × 2B pairs see the same numbers. The loop
-    of this trainer draws per (epoch, batch, process) unless its reference mode asks for per-pair
-    draws; where the module below does not exist, the trainer always draws per pair."""
-    try:
-        from fastpref.train.ref import ReferenceMode
-    except ImportError:
-        yield
-        return
-    init = ReferenceMode.__init__
-
-    def per_pair(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        self.per_pair_noise = True
-
-    ReferenceMode.__init__ = per_pair
-    try:
-        yield
-    finally:
-        ReferenceMode.__init__ = init
-
-
-@contextlib.contextmanager
 def one_job_for_all_runs():
     """``train()`` ends with accelerate's ``end_training()``, which destroys the process group: keep it
     for the next loss's run, and destroy it after the last."""
@@ -91,9 +67,10 @@ def train_all(record_dir: str, batch_size: int) -> None:
                 z["z"][step] = s.reference_point.item()
                 z["z_local"][step] = torch.clamp((s.ref_err - s.model_err).mean(), min=0.0).item()
 
-        with per_pair_draws():
-            train(cfg, model=model, dataset=SyntheticPreferences(size=cfg.synthetic_size, resolution=8, seed=cfg.seed),
-                  on_step=on_step)
+        # each pair's noise and timestep come from (seed, pair, epoch), whatever batch and process it lands in
+        # (fastpref.train.noise), so 2 processes × B pairs and 1 process × 2B pairs see the same numbers
+        train(cfg, model=model, dataset=SyntheticPreferences(size=cfg.synthetic_size, resolution=8, seed=cfg.seed),
+              on_step=on_step)
         if rank == 0:
             torch.save({k: v.detach().cpu() for k, v in model.denoiser.state_dict().items()},
                        os.path.join(out, "denoiser.pt"))
