@@ -66,3 +66,14 @@ def run_config(tmp_path):
 def cpu_accelerator():
     """What compute_loss needs of an Accelerator: the device and a (no-op) autocast."""
     return SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """These tests build an Accelerator in the test process: leave no process-wide state behind."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()

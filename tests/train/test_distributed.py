@@ -43,16 +43,6 @@ def _rows(run_dir):
         return list(csv.DictReader(fh))
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU-less launch path: gloo processes on the CPU")
 @pytest.mark.usefixtures("fresh_accelerate_state")
 def test_two_processes_train_what_one_process_trains_on_the_global_batch(tmp_path):

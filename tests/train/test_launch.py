@@ -90,17 +90,6 @@ def test_two_processes_are_one_job(tmp_path, launcher):
          "trainer_state.json"])
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """These tests build an Accelerator in the test process: leave no process-wide state behind."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
 @pytest.mark.usefixtures("fresh_accelerate_state")
 def test_processes_accelerate_does_not_join_are_refused(monkeypatch):
     """If the launcher started N processes but accelerate set up fewer, each would train alone into the
