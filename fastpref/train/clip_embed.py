@@ -58,8 +58,8 @@ def check_clip_flags(clip_model, clip_pretrained, clip_combiner, pretrained_mode
         if clip_pretrained is not None:
             tags = open_clip.list_pretrained_tags_by_model(clip_model)
             if not isinstance(clip_pretrained, str) or not (clip_pretrained in tags or os.path.isfile(clip_pretrained)):
-                raise ValueError(f"--clip_pretrained must be one of {clip_model}'s open_clip tags ({', '.join(tags) or 'none'}) "
-                                 f"or an existing checkpoint file, got {clip_pretrained!r}")
+                raise ValueError(f"--clip_pretrained must be one of {clip_model}'s open_clip tags "
+                                 f"({', '.join(tags) or 'none'}) or an existing checkpoint file, got {clip_pretrained!r}")
     if clip_combiner not in COMBINERS:
         raise ValueError(f"--clip_combiner must be one of {', '.join(COMBINERS)}, got {clip_combiner!r}")
 

@@ -140,7 +140,8 @@ def test_tau_defaults_per_model_family(tiny):
 
     assert default_tau(tiny()) == RPO_TAU["sd15"] == 0.01
     assert default_tau(tiny("fastpref:tiny-sd3")) == 0.01
-    sdxl = SimpleNamespace(family="unet", denoiser=SimpleNamespace(config=SimpleNamespace(addition_embed_type="text_time")))
+    sdxl_unet = SimpleNamespace(config=SimpleNamespace(addition_embed_type="text_time"))
+    sdxl = SimpleNamespace(family="unet", denoiser=sdxl_unet)
     assert default_tau(sdxl) == RPO_TAU["sdxl"] == 0.5
 
 
