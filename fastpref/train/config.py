@@ -45,6 +45,11 @@ class TrainConfig:
     reference_mode: str = "auto"
     ref_cache: str | None = None  # --reference_mode cache: the file fastpref-precompute wrote
     weighting_scheme: str = "logit_normal"  # flow matching timestep density (diffusers' SD3 scripts)
+    # -- --loss rpo / orrpo: CLIP embeddings of each pair's images with its prompt (open_clip)
+    clip_model: str | None = None  # an open_clip name (ViT-H-14, …); None: fastpref:tiny-clip (tiny models only)
+    clip_pretrained: str | None = None  # an open_clip tag or a checkpoint file; None: random initialisation
+    clip_combiner: str = "mean"  # mean | image | text: how image and prompt embeddings combine
+    rpo_tau: float | None = None  # τ of the weights; None: the paper's per model (0.01 SD1.5, 0.5 SDXL)
     # -- VAE latents and text embeddings computed once and read by every step (diffusers' flag name)
     cache_latents: bool = False
     latent_cache_dir: str | None = None  # None: OUTPUT_DIR/cache; share one folder between runs to reuse it
@@ -99,7 +104,7 @@ class TrainConfig:
     def validate(self, *, require_caches: bool = True) -> "TrainConfig":
         """Refuse bad values before anything is built. Returns ``self``. ``require_caches=False``:
         ``--ref_cache`` need not exist yet (``fastpref-precompute`` writes it)."""
-        from fastpref.train.objectives import OBJECTIVES
+        from fastpref.train.objectives import OBJECTIVES, loss_choices_error
 
         def need(cond: bool, msg: str) -> None:
             if not cond:
@@ -123,10 +128,14 @@ class TrainConfig:
             "--pretrained_model_name_or_path is required: a hub id (stabilityai/stable-diffusion-3.5-medium), a "
             "local diffusers folder, or fastpref:tiny-unet / fastpref:tiny-unet-v / fastpref:tiny-sd3",
         )
-        need(
-            self.loss in OBJECTIVES,
-            f"--loss must be one of {', '.join(sorted(OBJECTIVES))} (the losses this fastpref provides), got {self.loss!r}",
-        )
+        need(self.loss in OBJECTIVES, loss_choices_error(self.loss))
+        if OBJECTIVES[self.loss].needs_clip:
+            from fastpref.train.clip_embed import check_clip_flags
+
+            check_clip_flags(self.clip_model, self.clip_pretrained, self.clip_combiner,
+                             self.pretrained_model_name_or_path)
+            if self.rpo_tau is not None:
+                finite("rpo_tau", 0.0)
         if self.beta is not None:
             finite("beta", 0.0)
         need(
@@ -191,6 +200,15 @@ class TrainConfig:
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
+def _loss_help() -> str:
+    from fastpref.train.objectives import OBJECTIVES
+
+    return "one of " + ", ".join(f"{n} ({o.doc})" for n, o in sorted(OBJECTIVES.items()))
+
+
+_HELP = {"loss": _loss_help}
+
+
 def _field_type(f: dataclasses.Field) -> str:
     return str(f.type).replace(" ", "")
 
@@ -217,7 +235,7 @@ def build_parser(prog: str = "fastpref-train", description: str | None = None) -
     for name, f in _FIELDS.items():
         kind = _field_type(f)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"(default: {default!r})"
+        help_text = f"{_HELP[name]()} (default: {default!r})" if name in _HELP else f"(default: {default!r})"
         if kind.startswith("list"):
             p.add_argument(f"--{name}", nargs="+", default=None, help=help_text)
         elif kind == "bool":

@@ -61,15 +61,23 @@ class TrainResult:
 
 
 def compute_loss(model: DiffusionModel, policy, reference, objective, batch: dict, cfg: TrainConfig,
-                 accelerator) -> StepOutput:
+                 accelerator, *, clip=None, tau: float | None = None, group=None) -> StepOutput:
     """The loss of one micro-batch: encode (or read the latent cache) → noise the pairs (per pair and
     ``batch["epoch"]``, 0 when absent) → the policy, once on the stacked ``[w; l]`` batch, and the
-    reference mode → the objective."""
+    reference mode → the objective. ``--loss rpo/orrpo``: ``clip`` (a
+    :class:`~fastpref.train.clip_embed.ClipEmbedder`) gives the pairs' embeddings, ``tau`` the weights'
+    temperature, ``group`` the process group the weight matrix spans (``None``: this batch only)."""
+    extra = {}
+    if objective.needs_clip:
+        if clip is None or tau is None:
+            raise ValueError(f"--loss {objective.name} needs the pairs' CLIP embeddings: pass clip= and tau=")
+        win_emb, lose_emb = clip(batch, accelerator.device)  # no gradient
+        extra = {"win_emb": win_emb, "lose_emb": lose_emb, "tau": tau, "group": group}
     latents, cond = encode(model, batch, cfg.seed, accelerator.device)
     noised = noise_pairs(model, latents, batch["index"], batch.get("epoch", 0), cfg.seed)
     with accelerator.autocast():
         model_pred, ref = reference(policy, noised, cond, batch)
-    loss, stats = objective.call(model_pred, ref, noised.target, cfg)
+    loss, stats = objective.call(model_pred, ref, noised.target, cfg, **extra)
     return StepOutput(loss, stats, model_pred.detach(), ref, noised.target, noised.timesteps, latents.shape[0] // 2)
 
 
@@ -233,6 +241,16 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
         source, collate = latent_cache_for_run(cfg, model, dataset, rows, device, build=accelerator.is_main_process,
                                               wait=accelerator.wait_for_everyone), collate_cached
 
+    clip, tau, group = None, None, None
+    if objective.needs_clip:  # --loss rpo/orrpo: CLIP embeddings of the pairs; the matrix over all processes
+        from fastpref.train.clip_embed import build_clip_embedder, default_tau
+
+        clip = build_clip_embedder(cfg, device)
+        tau = cfg.rpo_tau if cfg.rpo_tau is not None else default_tau(model)
+        group = torch.distributed.group.WORLD if world > 1 else None
+        if cfg.cache_latents:  # the cached batches hold no pixels: every row's embeddings once, now
+            clip.fill(dataset, rows)
+
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
     from diffusers.optimization import get_scheduler
@@ -286,7 +304,8 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
                 batch = collate([source[i] for i in eval_idx[start: start + cfg.train_batch_size]])
                 if not len(batch["index"]):
                     continue
-                out = compute_loss(model, policy, reference, objective, batch, cfg, accelerator)  # epoch 0: fixed draws
+                out = compute_loss(model, policy, reference, objective, batch, cfg, accelerator, clip=clip,
+                                   tau=tau)  # epoch 0: fixed draws; this process's batch only
                 model_err = pair_errors(out.model_pred, out.target)
                 if "ref_pred" in out.ref:
                     ref_err = pair_errors(out.ref["ref_pred"], out.target)
@@ -333,7 +352,8 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
                     loss = sum(p.sum() * 0.0 for p in params)  # keeps DDP's collectives in step
                     out = None
                 else:
-                    out = compute_loss(model, denoiser, reference, objective, batch, cfg, accelerator)
+                    out = compute_loss(model, denoiser, reference, objective, batch, cfg, accelerator, clip=clip,
+                                       tau=tau, group=group)
                     loss = out.loss
                     pending.append(_stat_means(out))
                     pairs_in_update += out.num_pairs

@@ -4,8 +4,11 @@ A loss is registered only when this fastpref provides it (``hasattr(fastpref, ..
 choices are exactly the losses that can run. Reference-free losses (MaPO, ORPO) set
 ``needs_reference=False``: the loop then builds no reference model at all.
 
-Not registered: ``dro_loss`` (its second sample of each pair must be generated online by a lagged copy
-of the policy — a different loop) and ``rpo_loss`` (needs CLIP image+prompt embeddings per pair).
+``rpo`` and ``orrpo`` (``needs_clip=True``) also take each pair's CLIP embeddings (``win_emb``,
+``lose_emb``, :mod:`fastpref.train.clip_embed`), τ, and the process group over which their weight matrix
+spans the global batch.
+
+Not registered: ``dro_loss`` (see :data:`UNAVAILABLE`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 
 import fastpref
 
-__all__ = ["Objective", "OBJECTIVES", "get_objective"]
+__all__ = ["Objective", "OBJECTIVES", "UNAVAILABLE", "get_objective", "loss_choices_error"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,7 @@ class Objective:
     call: Callable
     needs_reference: bool = True
     doc: str = ""
+    needs_clip: bool = False  # call(..., win_emb=, lose_emb=, tau=, group=)
 
 
 def _beta(cfg) -> dict:
@@ -108,7 +112,50 @@ def _build() -> dict[str, Objective]:
 OBJECTIVES: dict[str, Objective] = _build()
 
 
+def _global_share(loss, group):
+    # With group=, the loss is this rank's share of the global-batch loss; DDP averages gradients over
+    # ranks, so the share is scaled by the world size: the update is the global loss's, and the ranks'
+    # mean of the logged value is the global loss.
+    if group is None:
+        return loss
+    import torch.distributed as dist
+
+    return loss * dist.get_world_size(group)
+
+
+def _rpo(model_pred, ref, target, cfg, *, win_emb, lose_emb, tau, group=None):
+    loss, stats = fastpref.rpo_loss(model_pred, target=target, win_emb=win_emb, lose_emb=lose_emb, tau=tau,
+                                    group=group, return_stats=True, **ref, **_beta(cfg))  # fmt: skip
+    return _global_share(loss, group), stats
+
+
+def _orrpo(model_pred, ref, target, cfg, *, win_emb, lose_emb, tau, group=None):
+    loss, stats = fastpref.orpo_loss(model_pred, _full_target(model_pred, target), win_emb=win_emb, lose_emb=lose_emb,
+                                     tau=tau, group=group, return_stats=True, **_beta(cfg))  # fmt: skip
+    return _global_share(loss, group), stats
+
+
+if hasattr(fastpref, "rpo_loss"):
+    OBJECTIVES["rpo"] = Objective("rpo", _rpo, True, "Diffusion-RPO, CLIP-weighted over the global batch", True)
+if hasattr(fastpref, "orpo_loss"):
+    OBJECTIVES["orrpo"] = Objective("orrpo", _orrpo, False, "Diffusion-ORRPO, reference-free, CLIP-weighted", True)
+
+#: losses of fastpref the trainer does not run yet, and why
+UNAVAILABLE = {
+    "dro": "--loss dro is not available yet: Diffusion-DRO's online half is the lagged policy's own sampling "
+    "trajectory (a copy of the policy refreshed every few steps, its states x_t with its own noise predictions "
+    "as targets), and that online sampling recipe is not implemented in the trainer; use fastpref.dro_loss in "
+    "your own loop",
+}
+
+
+def loss_choices_error(name) -> str:
+    if name in UNAVAILABLE:
+        return f"{UNAVAILABLE[name]} (available: {', '.join(sorted(OBJECTIVES))})"
+    return f"--loss must be one of {', '.join(sorted(OBJECTIVES))} (the losses this fastpref provides), got {name!r}"
+
+
 def get_objective(name: str) -> Objective:
     if name not in OBJECTIVES:
-        raise ValueError(f"--loss must be one of {', '.join(sorted(OBJECTIVES))}, got {name!r}")
+        raise ValueError(loss_choices_error(name))
     return OBJECTIVES[name]
