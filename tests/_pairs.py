@@ -76,8 +76,10 @@ def inputs(loss, num_pairs, sample_shape, dtype, device, shared=False, seed=None
     model_pred, ref_pred, target, _ = make_pairs(num_pairs, sample_shape, dtype, device, shared=shared, seed=seed)
     labels = None
     if loss in UNPAIRED:
+        # the model better than the reference (g = e_ref − e_θ > 0): kto's reference point
+        # z = max(0, mean g) is not clamped
         n = 2 * num_pairs - 1 if num_pairs > 1 else 1
-        model_pred, ref_pred, target = model_pred[:n], ref_pred[:n], target[:n]
+        model_pred, ref_pred, target = ref_pred[:n], model_pred[:n], target[:n]
         labels = labels_for(n).to(device)
     return model_pred, ref_pred, target, labels
 

@@ -302,13 +302,14 @@ def test_closed_form_kto(backend, device):
     ∂ℓ_k/∂e_θ[k] = ±λ_y·β·σ'(±β(g_k − z)). Odd N, and an N where z is clamped to 0."""
     skip_unsupported("kto", backend)
     for errors, refs, labels in (
-        (E_MODEL_W + E_MODEL_L[:3], E_REF_W + E_REF_L[:3], [1, 0, 1, 1, 0, 0, 1]),  # z > 0
+        (E_MODEL_W + E_MODEL_L[:3], [1.0, 1.5, 2.25, 1.0, 2.25, 0.75, 1.5], [1, 0, 1, 1, 0, 0, 1]),  # z > 0
         ([2.25, 1.0, 1.5625], [0.25, 1.0, 1.0], [0, 1, 0]),  # mean g < 0: z = 0
     ):
         model_pred, target, c = _preds_with_errors(errors, device=device)
         beta, lam_d, lam_u = 3.0, 1.0, 1.5
         g = [r - e for e, r in zip(errors, refs)]
         z = max(0.0, sum(g) / len(g))
+        assert (z > 0) == (len(errors) == 7)
         values, dl_de = [], []
         for gk, y in zip(g, labels):
             sign, lam = (1.0, lam_d) if y else (-1.0, lam_u)

@@ -107,6 +107,11 @@ MUTANTS = [
       ("test_losses.py", "-k", "kto and torch and closed_form"), "reference KTO: reference point not clamped at 0"),
     M("A5", "fastpref/reference.py", "return torch.softmax(-d / tau, dim=1)", "return torch.softmax(d / tau, dim=1)",
       ("test_rpo.py", "-k", "closed_form and torch"), "reference RPO weights favour distant pairs"),
+    M("A6", "fastpref/reference.py",
+      "return torch.sigmoid(u) * (-F.softplus(-u) - math.log1p(-alpha)) + torch.sigmoid(-u) * (",
+      "return (1 - alpha) * (math.log1p(-alpha) + F.softplus(-u)) + alpha * (math.log(alpha) + F.softplus(u)) + 0 * (",
+      ("test_losses.py", "-k", "dmpo and torch and (closed_form or minimum)"),
+      "reference DMPO: the reversed KL(Bern(1 − α) ‖ Bern σ(u)), same minimum u*"),
     # ---- trainer pieces -------------------------------------------------------------------------
     M("O1", "fastpref/train/objectives.py", "labels = torch.cat([torch.ones(b), torch.zeros(b)]).to(model_pred.device)",
       "labels = torch.cat([torch.zeros(b), torch.ones(b)]).to(model_pred.device)",
