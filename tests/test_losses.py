@@ -25,7 +25,6 @@ from _pairs import (
     CPP_LOSSES,
     DTYPES,
     FAMILY,
-    LOSSES,
     REF_FREE,
     UNPAIRED,
     call,

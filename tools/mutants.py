@@ -88,9 +88,11 @@ MUTANTS = [
     M("C1", "csrc/cpu/pair_loss_cpu.cpp", "using acc_t = at::opmath_type<scalar_t>;", "using acc_t = scalar_t;",
       ("test_losses.py", "-k", "cpu and matches_reference and bfloat16 and sigmoid"),
       "partial sums accumulated in bf16/fp16 lanes", scope="void chunk_sums("),
-    M("C2", "csrc/pair_loss.h", "dl_dd = sp * sn * (u - (c0 - c1)) * du_dd;", "dl_dd = sp * sn * (u + (c0 - c1)) * du_dd;",
+    M("C2", "csrc/pair_loss.h", "dl_dd = sp * sn * (u - (c0 - c1)) * du_dd;",
+      "dl_dd = sp * sn * (u + (c0 - c1)) * du_dd;",
       ("test_losses.py", "-k", "cpu and dmpo and closed_form"), "DMPO gradient: minimum at −u*"),
-    M("C3", "csrc/cpu/pair_loss_cpu.cpp", "const acc_t g = gop[reduction == kNone ? pair : 0] * static_cast<acc_t>(coef);",
+    M("C3", "csrc/cpu/pair_loss_cpu.cpp",
+      "const acc_t g = gop[reduction == kNone ? pair : 0] * static_cast<acc_t>(coef);",
       "const acc_t g = gop[0] * static_cast<acc_t>(coef);",
       ("test_losses.py", "-k", "cpu and reductions"), "backward ignores per-pair upstream gradients"),
     # ---- the public API (fastpref/losses.py) and the reference --------------------------------
