@@ -22,6 +22,13 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# The mutation check of the tests (tools/mutants.py): realistic one-line bugs in the kernels, the C++ op,
+# the API and the trainer, each applied to a scratch copy; every one must make its tests fail. Not part
+# of `make test` (tens of minutes on 2 cores). MUTANTS_ARGS="--only T1 C2" runs some, "--list" lists them.
+.PHONY: mutants
+mutants: $(STAMP)
+	$(PY) tools/mutants.py $(MUTANTS_ARGS)
+
 # DMPO's 2-D study (Li et al., 2025, arXiv:2507.07510, §5.1) on the CPU: table, CSV and PNG;
 # the last line names the folder.
 demo: $(STAMP)

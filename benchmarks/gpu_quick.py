@@ -4,7 +4,7 @@ On a CUDA machine whose ``python3`` has torch and triton (no diffusers, open_cli
 needed), in a few minutes:
 
 1. the GPU parity tests — the Triton kernels against the PyTorch reference on the device
-   (``tests/test_pair_loss.py``, ``test_loss_family.py``, ``test_rpo.py``; skipped with a message where
+   (``tests/test_losses.py``, ``test_triton.py``, ``test_rpo.py``; skipped with a message where
    pytest is not installed: the sweep still compares every provider with eager, step 2);
 2. the sweep preset ``gpu-quick`` (SD1.5/SDXL/SD3 × 1 and 8 pairs, bf16, SD1.5 at 520 px × 8 — a sample
    size off the 16-element grid — and RPO M = 64 and 1024): eager,
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PARITY_TESTS = ("tests/test_pair_loss.py", "tests/test_loss_family.py", "tests/test_rpo.py")
+PARITY_TESTS = ("tests/test_losses.py", "tests/test_triton.py", "tests/test_rpo.py")
 #: a fused result this far from eager (max relative error of loss or gradient) is a bug, not rounding
 MAX_REL_ERR = 0.05
 #: packages a bare GPU image lacks; nothing this script imports may need them

@@ -1,6 +1,9 @@
 """Test set-up. Runs before any fastpref kernel module is imported."""
 
 import os
+import random
+import secrets
+import zlib
 
 import torch
 
@@ -10,6 +13,26 @@ os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed_per_test(request):
+    """Every test starts from a seed derived from its node id (file, name, parameters): its random
+    inputs are the same on every run and on every machine, and differ between tests."""
+    seed = zlib.crc32(request.node.nodeid.encode())
+    torch.manual_seed(seed)
+    random.seed(seed)
+
+
+@pytest.fixture
+def fresh_seed(request):
+    """A seed drawn fresh on every run (``FASTPREF_TEST_SEED=<n>`` replays one). Printed, so a failing
+    test's report shows it under "Captured stdout setup"."""
+    seed = int(os.environ.get("FASTPREF_TEST_SEED") or secrets.randbits(48))
+    print(f"fresh inputs: seed {seed}; replay with FASTPREF_TEST_SEED={seed} pytest '{request.node.nodeid}'")
+    torch.manual_seed(seed)
+    random.seed(seed)
+    return seed
 
 
 @pytest.fixture

@@ -1,12 +1,12 @@
-"""The C++ CPU backend (csrc/cpu, backend="cpu") against the reference, and its build fallback.
+"""What only the C++/CUDA op (csrc/, backend="cpu"/"cuda") can get wrong: fp64 accumulation (gradcheck),
+mixed input dtypes, 1 vs 2 threads bit-identical across its fixed S-chunks, direct op calls, the build
+and its fallback, and the CUDA sources.
 
-The same matrix as the Triton tests (test_pair_loss.py: per-dtype flash-attention rule, odd shapes,
-layouts, reductions, extreme margins), plus what only a threaded CPU implementation can get wrong:
-1 vs 2 threads bit-identical, sizes spanning several of its fixed S-chunks. The extension builds once
-per machine (~45 s, cached under ~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR).
+The loss-by-loss matrix against the reference (dtypes, shapes, layouts, reductions, extreme values,
+NaN, the independent checks) runs on backend="cpu" in test_losses.py. The extension builds once per
+machine (~45 s, cached under ~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR).
 """
 
-import functools
 import os
 import subprocess
 import sys
@@ -14,10 +14,9 @@ import warnings
 from pathlib import Path
 
 import pytest
-import test_loss_family as tlf
-import test_pair_loss as tpl
 import torch
-from _pairs import DTYPES, LOSSES, make_pairs
+from _pairs import CPP_LOSSES, DTYPES, LOSSES, REF_FREE, call, check_against_reference, inputs, make_pairs
+from test_losses import LAYOUTS, _layout
 from test_validation import BAD_CALLS
 
 import fastpref
@@ -32,42 +31,8 @@ CPU = torch.device("cpu")
 CHUNK = 8192  # csrc/cpu/pair_loss_cpu.cpp kChunk: one task's share of S
 
 
-_call = tpl.call  # the public function for a loss name of the kernel family
-
-
-@pytest.fixture
-def cpp_call(monkeypatch):
-    """tpl.check_against_reference (loss and gradient vs fp64 under the per-dtype rule), run on
-    backend="cpu"."""
-    monkeypatch.setattr(tpl, "call", functools.partial(_call, backend="cpu"))
-    return tpl.check_against_reference
-
 # one pair; odd/prime; several S-chunks with a ragged last one
 SHAPES = [(1, (3, 5, 7)), (3, (4, 13, 17)), (2, (3, CHUNK + 17))]
-
-
-@pytest.mark.parametrize("loss", LOSSES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("num_pairs,sample_shape", SHAPES, ids=["one_pair", "odd", "multi_chunk"])
-def test_matches_reference(cpp_call, loss, dtype, num_pairs, sample_shape):
-    model_pred, ref_pred, target, beta = make_pairs(num_pairs, sample_shape, dtype, CPU)
-    cpp_call(loss, model_pred, ref_pred, target, beta=beta)
-
-
-@pytest.mark.parametrize("loss", LOSSES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", tpl.LAYOUTS)
-def test_layouts_and_input_forms(cpp_call, loss, dtype, case):
-    model_pred, ref_pred, target, beta = make_pairs(3, (2, 7, 11), dtype, CPU, shared="shared" in case)
-    model_pred, ref_pred, target, ref_err = tpl._layout(case, model_pred, ref_pred, target)
-    cpp_call(loss, model_pred, ref_pred, target, ref_err=ref_err, beta=beta)
-
-
-@pytest.mark.parametrize("loss", LOSSES)
-@pytest.mark.parametrize("reduction", ["none", "sum"])
-def test_reductions_and_upstream_weights(cpp_call, loss, reduction):
-    model_pred, ref_pred, target, beta = make_pairs(5, (3, 9), torch.float32, CPU)
-    cpp_call(loss, model_pred, ref_pred, target, beta=beta, reduction=reduction)
 
 
 def test_mixed_input_dtypes_are_promoted():
@@ -75,7 +40,7 @@ def test_mixed_input_dtypes_are_promoted():
     gradient comes back in model_pred's dtype."""
     model_pred, ref_pred, target, beta = make_pairs(2, (5, 6), torch.float32, CPU)
     m = model_pred.bfloat16().requires_grad_(True)
-    out = fastpref.dmpo_loss(m, ref_pred.half(), target, beta=beta, backend="cpu")
+    out = fastpref.dmpo_loss(m, ref_pred.half(), target, beta=beta, backend="cpu")  # α = 0.01
     out.backward()
     m64 = m.detach().double().requires_grad_(True)
     out64 = reference.pair_loss_ref("dmpo", m64, ref_pred.half().double(), target.double(), beta=beta, alpha=0.01)[0]
@@ -85,40 +50,30 @@ def test_mixed_input_dtypes_are_promoted():
     torch.testing.assert_close(m.grad.double(), m64.grad, rtol=1e-2, atol=1e-6)  # bf16 storage of the gradient
 
 
-@pytest.mark.parametrize("loss", LOSSES)
-def test_extreme_margins_are_finite(loss):
-    beta = 5000.0
-    us = [-1e4, -50.0, 0.0, 50.0, 1e4]
-    model_pred, target, ref_err = tpl._at_margin(us, beta, CPU)
-    m = model_pred.requires_grad_(True)
-    out, stats = _call(loss, m, None, target, ref_err=ref_err, beta=beta, reduction="none", return_stats=True,
-                       backend="cpu")  # fmt: skip
-    out.sum().backward()
-    assert torch.isfinite(out).all() and torch.isfinite(m.grad).all()
-    torch.testing.assert_close(stats.margin.double(), torch.tensor(us, dtype=torch.float64), rtol=1e-6, atol=1e-2)
-    expected = reference.PAIR_LOSSES[loss](torch.tensor(us, dtype=torch.float64), beta, 0.01)
-    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+PARAMS64 = {"mapo": dict(num_train_timesteps=5.0), "orpo": dict(beta=2.0), "dro": dict(margin=0.05)}
 
 
-@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("loss", CPP_LOSSES)
 @pytest.mark.parametrize("form", ["ref_pred", "shared", "ref_err"])
 def test_gradcheck_fp64(loss, form):
-    """fp64 in, fp64 accumulation and outputs: the op's analytic gradient against finite differences."""
+    """fp64 in, fp64 accumulation and outputs: the op's analytic gradient against finite differences,
+    and its value equal to the fp64 reference to 1e-12."""
+    if form == "ref_err" and loss in REF_FREE:
+        pytest.skip("reference-free")
     g = torch.Generator().manual_seed(2)
     model_pred = torch.randn(6, 3, 5, dtype=torch.float64, generator=g, requires_grad=True)
     ref_pred = torch.randn(6, 3, 5, dtype=torch.float64, generator=g)
     target = torch.randn(3 if form == "shared" else 6, 3, 5, dtype=torch.float64, generator=g)
     ref_err = reference.pair_errors(ref_pred, target) if form == "ref_err" else None
     ref_pred = None if form == "ref_err" else ref_pred
+    p = PARAMS64.get(loss, dict(beta=3.0))
 
-    def f(m):
-        return _call(loss, m, ref_pred, target, ref_err=ref_err, beta=3.0, reduction="none", backend="cpu")
+    def f(m, backend="cpu"):
+        return call(loss, m, ref_pred, target, ref_err=ref_err, reduction="none", backend=backend, **p)
 
     assert f(model_pred).dtype == torch.float64
     assert torch.autograd.gradcheck(f, (model_pred,))
-    expected = reference.pair_loss_ref(loss, model_pred, ref_pred, target, ref_err=ref_err, beta=3.0, alpha=0.01,
-                                       reduction="none")[0]  # fmt: skip
-    torch.testing.assert_close(f(model_pred), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(f(model_pred), f(model_pred, "torch"), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -168,30 +123,6 @@ def test_op_checks_direct_calls():
         op(model_pred, None, target, None, 0, 1.0, 0.0, 0.0, 1)
     with pytest.raises(RuntimeError, match="target must have model_pred's dtype"):
         op(model_pred, ref_pred, target.double(), None, 0, 1.0, 0.0, 0.0, 1)
-
-
-@pytest.mark.parametrize("loss", LOSSES)
-@pytest.mark.parametrize("where", ["model_pred", "ref_pred", "target", "ref_err"])
-def test_nan_is_never_hidden(loss, where):
-    model_pred, ref_pred, target, beta = make_pairs(2, (3, 4), torch.float32, CPU)
-    ref_err = reference.pair_errors(ref_pred, target) if where == "ref_err" else None
-    tensors = {"model_pred": model_pred, "ref_pred": ref_pred, "target": target, "ref_err": ref_err}
-    tensors[where] = tensors[where].clone()
-    tensors[where].view(-1)[1] = float("nan")
-    if ref_err is not None:
-        tensors["ref_pred"] = None
-    out = _call(loss, tensors["model_pred"], tensors["ref_pred"], tensors["target"], ref_err=tensors["ref_err"],
-                beta=beta, reduction="none", backend="cpu")  # fmt: skip
-    assert torch.isnan(out).any().item(), f"NaN in {where} was hidden: {out}"
-
-
-def test_autocast_does_not_downcast_the_reduction():
-    model_pred, ref_pred, target, beta = make_pairs(2, (4, 6), torch.float32, CPU)
-    expected = fastpref.dmpo_loss(model_pred, ref_pred, target, beta=beta, backend="cpu")
-    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-        got = fastpref.dmpo_loss(model_pred, ref_pred, target, beta=beta, backend="cpu")
-    assert got.dtype == torch.float32
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def test_auto_picks_cpp_on_cpu_without_the_interpreter(monkeypatch):
@@ -258,16 +189,6 @@ def test_no_compiler_end_to_end(tmp_path):
 # The rest of the kernel family in C++: DRO, MaPO, ORPO (kto's unpaired rows stay on Triton/torch).
 # ----------------------------------------------------------------------------------------------
 
-CPP_FAMILY = ("dro", "mapo", "orpo")
-
-
-@pytest.fixture
-def family_call(monkeypatch):
-    """test_loss_family.check_against_reference on backend="cpu"."""
-    monkeypatch.setattr(tlf, "call", functools.partial(tlf.call, backend="cpu"))
-    return tlf.check_against_reference
-
-
 def test_cpp_losses_are_the_kernel_family_less_kto():
     from fastpref.ops.cpp import CPP_LOSSES
     from fastpref.ops.pair_loss import LOSS_IDS, UNPAIRED_LOSSES
@@ -275,61 +196,9 @@ def test_cpp_losses_are_the_kernel_family_less_kto():
     assert set(CPP_LOSSES) == set(LOSS_IDS) - set(UNPAIRED_LOSSES)
 
 
-@pytest.mark.parametrize("loss", CPP_FAMILY)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("num_pairs,sample_shape", SHAPES, ids=["one_pair", "odd", "multi_chunk"])
-def test_family_matches_reference(family_call, loss, dtype, num_pairs, sample_shape):
-    model_pred, ref_pred, target, _ = tlf.inputs(loss, num_pairs, sample_shape, dtype, CPU)
-    family_call(loss, model_pred, ref_pred, target)
-
-
-@pytest.mark.parametrize("loss", CPP_FAMILY)
-@pytest.mark.parametrize("case", ["shared", "transposed", "ref_err"])
-def test_family_layouts_and_reductions(family_call, loss, case):
-    model_pred, ref_pred, target, _ = tlf.inputs(loss, 3, (2, 7, 11), torch.bfloat16, CPU, shared=case == "shared")
-    ref_err = None
-    if case == "transposed":
-        model_pred, ref_pred, target = (x.transpose(-1, -2).contiguous().transpose(-1, -2)
-                                        for x in (model_pred, ref_pred, target))  # fmt: skip
-    if case == "ref_err" and loss == "dro":
-        ref_err = reference.pair_errors(ref_pred, target)
-    for reduction in ("mean", "none"):
-        family_call(loss, model_pred, ref_pred, target, ref_err=ref_err, reduction=reduction)
-
-
-@pytest.mark.parametrize("loss", CPP_FAMILY)
-def test_family_extreme_values_are_finite(loss):
-    model_pred, target = tlf._preds_with_errors([0.0, 1e-8, 1e-3, 1.0, 1e2, 1e4], CPU)
-    ref_err = torch.tensor([1e4, 1e2, 1.0, 1e-3, 1e-8, 0.0])
-    kw = {"mapo": dict(num_train_timesteps=1e6), "orpo": dict(beta=1e5, lambda_orpo=1.0), "dro": dict(margin=0.5)}
-    outs = []
-    for backend in ("cpu", "torch"):
-        m = model_pred.clone().requires_grad_(True)
-        out = tlf.call(loss, m, None, target, ref_err=ref_err, backend=backend, reduction="none", **kw[loss])
-        out.sum().backward()
-        assert torch.isfinite(out).all() and torch.isfinite(m.grad).all(), (backend, out, m.grad)
-        outs.append(out.double())
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("loss", CPP_FAMILY)
-def test_family_gradcheck_fp64(loss):
-    g = torch.Generator().manual_seed(3)
-    model_pred = torch.randn(4, 3, 5, dtype=torch.float64, generator=g).requires_grad_(True)
-    ref_pred = torch.randn(4, 3, 5, dtype=torch.float64, generator=g)
-    target = torch.randn(4, 3, 5, dtype=torch.float64, generator=g)
-    f = {
-        "mapo": lambda m: fastpref.mapo_loss(m, target, num_train_timesteps=5.0, reduction="none", backend="cpu"),
-        "orpo": lambda m: fastpref.orpo_loss(m, target, beta=2.0, reduction="none", backend="cpu"),
-        "dro": lambda m: fastpref.dro_loss(m, ref_pred, target, margin=0.05, reduction="none", backend="cpu"),
-    }[loss]
-    assert f(model_pred).dtype == torch.float64
-    assert torch.autograd.gradcheck(f, (model_pred,))
-
-
 def test_kto_has_no_cpp_backend_and_auto_uses_the_reference(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    model_pred, ref_pred, target, labels = tlf.inputs("kto", 2, (3, 4), torch.float32, CPU)
+    model_pred, ref_pred, target, labels = inputs("kto", 2, (3, 4), torch.float32, CPU)
     with pytest.raises(ValueError, match="kto_loss has no 'cpu' backend"):
         fastpref.kto_loss(model_pred, ref_pred, target, labels, backend="cpu")
     auto = fastpref.kto_loss(model_pred, ref_pred, target, labels, backend="auto")
@@ -382,20 +251,19 @@ requires_cuda_backend = pytest.mark.skipif(
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("num_pairs,sample_shape", SHAPES + [(2, (4, 64, 64)), (16, (5, 33, 31))],
                          ids=["one_pair", "odd", "multi_chunk", "vectorised", "many_pairs_odd"])  # fmt: skip
-def test_cuda_matches_reference(monkeypatch, loss, dtype, num_pairs, sample_shape):
-    monkeypatch.setattr(tpl, "call", functools.partial(_call, backend="cuda"))
-    model_pred, ref_pred, target, beta = make_pairs(num_pairs, sample_shape, dtype, "cuda")
-    tpl.check_against_reference(loss, model_pred, ref_pred, target, beta=beta)
+def test_cuda_matches_reference(loss, dtype, num_pairs, sample_shape):
+    model_pred, ref_pred, target, _ = make_pairs(num_pairs, sample_shape, dtype, "cuda")
+    check_against_reference(loss, "cuda", model_pred, ref_pred, target)
 
 
 @requires_cuda_backend
 @pytest.mark.parametrize("loss", LOSSES)
-@pytest.mark.parametrize("case", tpl.LAYOUTS)
-def test_cuda_layouts_and_agreement_with_triton(monkeypatch, loss, case):
-    monkeypatch.setattr(tpl, "call", functools.partial(_call, backend="cuda"))
+@pytest.mark.parametrize("case", LAYOUTS)
+def test_cuda_layouts_and_agreement_with_triton(loss, case):
     model_pred, ref_pred, target, beta = make_pairs(3, (2, 7, 11), torch.bfloat16, "cuda", shared="shared" in case)
-    model_pred, ref_pred, target, ref_err = tpl._layout(case, model_pred, ref_pred, target)
-    tpl.check_against_reference(loss, model_pred, ref_pred, target, ref_err=ref_err, beta=beta)
-    outs = [_call(loss, model_pred, ref_pred, target, ref_err=ref_err, beta=beta, reduction="none", backend=b)
+    model_pred, ref_pred, target, ref_err = _layout(case, model_pred, ref_pred, target)
+    check_against_reference(loss, "cuda", model_pred, ref_pred, target, ref_err=ref_err)
+    ref_pred = None if ref_err is not None else ref_pred
+    outs = [call(loss, model_pred, ref_pred, target, ref_err=ref_err, beta=beta, reduction="none", backend=b)
             for b in ("cuda", "triton")]  # fmt: skip
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)

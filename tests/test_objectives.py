@@ -1,0 +1,49 @@
+"""The trainer's ``--loss`` registry (fastpref/train/objectives.py): each objective calls its public loss
+with the flags the user gave, the target shape the loss needs, and (kto) winners labelled desirable."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from _pairs import make_pairs
+
+import fastpref
+from fastpref.train.objectives import OBJECTIVES, get_objective
+
+CFG = SimpleNamespace(beta=7.0, alpha=0.2)  # non-default values: a flag that is not forwarded shows
+EXPECTED = {
+    "dpo": lambda m, r, t: fastpref.dpo_loss(m, r, t, beta=7.0),
+    "dpo_hinge": lambda m, r, t: fastpref.dpo_loss(m, r, t, beta=7.0, kind="hinge"),
+    "ipo": lambda m, r, t: fastpref.dpo_loss(m, r, t, beta=7.0, kind="ipo"),
+    "dmpo": lambda m, r, t: fastpref.dmpo_loss(m, r, t, beta=7.0, alpha=0.2),
+    "mapo": lambda m, r, t: fastpref.mapo_loss(m, torch.cat([t, t]), beta=7.0),
+    "orpo": lambda m, r, t: fastpref.orpo_loss(m, torch.cat([t, t]), beta=7.0),
+    "kto": lambda m, r, t: fastpref.kto_loss(m, r, torch.cat([t, t]), torch.tensor([1, 1, 1, 0, 0, 0]), beta=7.0),
+}
+
+
+def test_every_registered_objective_is_checked():
+    assert set(OBJECTIVES) <= set(EXPECTED), set(OBJECTIVES) - set(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_objective_calls_its_loss_with_the_flags(name):
+    if name not in OBJECTIVES:
+        pytest.skip(f"{name} is not registered in this build")
+    model_pred, ref_pred, target, _ = make_pairs(3, (4, 5), torch.float32, "cpu", shared=True)
+    objective = get_objective(name)
+    ref = {"ref_pred": ref_pred} if objective.needs_reference else {}
+    loss, stats = objective.call(model_pred, ref, target, CFG)
+    torch.testing.assert_close(loss, EXPECTED[name](model_pred, ref_pred, target), rtol=1e-6, atol=1e-7)
+    assert stats is not None
+    if objective.needs_reference:  # the reference errors may come precomputed (cache mode)
+        ref_err = fastpref.reference.pair_errors(ref_pred, target)
+        loss_err, _ = objective.call(model_pred, {"ref_err": ref_err}, target, CFG)
+        torch.testing.assert_close(loss_err, loss, rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_objective_names_the_choices():
+    with pytest.raises(ValueError, match="--loss must be one of"):
+        get_objective("nope")
