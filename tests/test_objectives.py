@@ -22,10 +22,27 @@ EXPECTED = {
     "orpo": lambda m, r, t: fastpref.orpo_loss(m, torch.cat([t, t]), beta=7.0),
     "kto": lambda m, r, t: fastpref.kto_loss(m, r, torch.cat([t, t]), torch.tensor([1, 1, 1, 0, 0, 0]), beta=7.0),
 }
+# the CLIP-weighted losses also take the pair embeddings and τ (the trainer computes them per batch)
+CLIP_EXPECTED = {
+    "rpo": lambda m, r, t, w, l: fastpref.rpo_loss(m, r, t, win_emb=w, lose_emb=l, tau=0.3, beta=7.0),
+    "orrpo": lambda m, r, t, w, l: fastpref.orpo_loss(m, torch.cat([t, t]), win_emb=w, lose_emb=l, tau=0.3, beta=7.0),
+}
 
 
 def test_every_registered_objective_is_checked():
-    assert set(OBJECTIVES) <= set(EXPECTED), set(OBJECTIVES) - set(EXPECTED)
+    assert set(OBJECTIVES) <= set(EXPECTED) | set(CLIP_EXPECTED), set(OBJECTIVES) - set(EXPECTED) - set(CLIP_EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(CLIP_EXPECTED))
+def test_clip_weighted_objective_calls_its_loss_with_the_flags(name):
+    model_pred, ref_pred, target, _ = make_pairs(3, (4, 5), torch.float32, "cpu", shared=True)
+    g = torch.Generator().manual_seed(5)
+    win_emb, lose_emb = torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g)
+    objective = get_objective(name)
+    ref = {"ref_pred": ref_pred} if objective.needs_reference else {}
+    loss, _ = objective.call(model_pred, ref, target, CFG, win_emb=win_emb, lose_emb=lose_emb, tau=0.3)
+    expected = CLIP_EXPECTED[name](model_pred, ref_pred, target, win_emb, lose_emb)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -32,10 +32,10 @@ def force_splits(monkeypatch):
     real_config, real_fwd, real_bwd = pl.launch_config, pl.pair_err_partials, pl.pair_err_backward
 
     def install(splits, block=None):
-        def config(num_pairs, numel, device, num_splits=None):
+        def config(num_pairs, numel, device, num_splits=None, element_size=2):
             if block is None:
-                return real_config(num_pairs, numel, device, splits)
-            num_warps = real_config(num_pairs, numel, device, 1)[1]
+                return real_config(num_pairs, numel, device, splits, element_size)
+            num_warps = real_config(num_pairs, numel, device, 1, element_size)[1]
             chunk = triton.cdiv(triton.cdiv(numel, splits), block) * block
             return block, num_warps, triton.cdiv(numel, chunk), chunk
 

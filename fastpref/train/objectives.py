@@ -135,10 +135,8 @@ def _orrpo(model_pred, ref, target, cfg, *, win_emb, lose_emb, tau, group=None):
     return _global_share(loss, group), stats
 
 
-if hasattr(fastpref, "rpo_loss"):
-    OBJECTIVES["rpo"] = Objective("rpo", _rpo, True, "Diffusion-RPO, CLIP-weighted over the global batch", True)
-if hasattr(fastpref, "orpo_loss"):
-    OBJECTIVES["orrpo"] = Objective("orrpo", _orrpo, False, "Diffusion-ORRPO, reference-free, CLIP-weighted", True)
+OBJECTIVES["rpo"] = Objective("rpo", _rpo, True, "Diffusion-RPO, CLIP-weighted over the global batch", True)
+OBJECTIVES["orrpo"] = Objective("orrpo", _orrpo, False, "Diffusion-ORRPO, reference-free, CLIP-weighted", True)
 
 #: losses of fastpref the trainer does not run yet, and why
 UNAVAILABLE = {
