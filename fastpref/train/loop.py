@@ -33,9 +33,12 @@ from fastpref.train.data import EpochSampler, build_dataset, collate_pairs
 from fastpref.train.metrics import MetricsLogger, plot_curves
 from fastpref.train.models import LORA_TARGET_MODULES, DiffusionModel, frozen_copy, load_model, save_model
 from fastpref.train.objectives import get_objective
+from fastpref.train.preflight import preflight
 from fastpref.train.ref import NEEDS_FROZEN_COPY, REFERENCE_MODES, ReferenceMode, resolve_reference_mode
 
 __all__ = ["train", "compute_loss", "StepOutput", "TrainResult"]
+
+EVAL_SEEDS = 4  # rows of the evaluation grid: each prompt is sampled from this many fixed seeds
 
 
 @dataclass
@@ -101,7 +104,7 @@ def _default_prompts(dataset, indices: list[int], n: int = 4) -> list[str]:
     out: list[str] = []
     for i in indices:
         item = dataset[i]
-        if item is not None and item["caption"] not in out:
+        if isinstance(item, dict) and item["caption"] not in out:
             out.append(item["caption"])
         if len(out) == n:
             break
@@ -216,6 +219,9 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
                          f"fewer than one batch (--train_batch_size {cfg.train_batch_size} × {world} processes); "
                          "use more data or a smaller --train_batch_size")
 
+    t_start = time.perf_counter()
+    preflight(cfg, dataset, cfg.validation_prompts, accelerator.print)  # unwritable output, unscorable prompts
+
     # ---- model -----------------------------------------------------------------------------------
     if model is None:
         model = load_model(cfg.pretrained_model_name_or_path, revision=cfg.revision,
@@ -307,11 +313,12 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
         if accelerator.is_main_process:
             with open(os.path.join(path, "trainer_state.json"), "w") as fh:
                 json.dump({"global_step": step, "loss": cfg.loss, "seed": cfg.seed,
-                           "lora_rank": cfg.lora_rank, "corrupt_images": corrupt_total}, fh)
+                           "lora_rank": cfg.lora_rank, "corrupt_images": len(corrupt_rows),
+                           "corrupt_rows": sorted(corrupt_rows)}, fh)
 
     updates_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
     reference.check_covers(len(dataset), math.ceil(cfg.max_train_steps / updates_per_epoch))  # cache: refuse now
-    global_step, corrupt_total = 0, 0
+    global_step, corrupt_rows = 0, {}  # corrupt_rows: dataset index → where (each unreadable row counted once)
     if cfg.resume_from_checkpoint:
         found = _checkpoints(cfg.output_dir)
         path = (found[-1] if found else None) if cfg.resume_from_checkpoint == "latest" else cfg.resume_from_checkpoint
@@ -324,7 +331,8 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
                 raise ValueError(f"--resume_from_checkpoint {path}: it was written with --loss {state['loss']} "
                                  f"--lora_rank {state['lora_rank']}; resume with the same settings")
             accelerator.load_state(path)
-            global_step, corrupt_total = state["global_step"], state.get("corrupt_images", 0)
+            global_step = state["global_step"]
+            corrupt_rows = {int(i): "" for i in state.get("corrupt_rows", [])}
             accelerator.print(f"resumed from {path} at step {global_step}")
 
     # ---- logging ---------------------------------------------------------------------------------
@@ -345,8 +353,21 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
     prompts = cfg.validation_prompts or (dataset.prompts() if hasattr(dataset, "prompts") else
                                          _default_prompts(dataset, eval_idx + train_idx))
 
+    def say(msg: str) -> None:  # a console line that does not break the progress bar
+        if accelerator.is_main_process:
+            tqdm.write(msg)
+
+    def note_corrupt(found: dict) -> None:
+        """Count each unreadable row once (epochs re-read it) and say where the first few are."""
+        for i, where in found.items():
+            if i not in corrupt_rows:
+                corrupt_rows[i] = where
+                if len(corrupt_rows) <= 5:
+                    say(f"data: skipped an unreadable pair: {where}")
+
     def evaluate(step: int) -> None:
-        """Held-out implicit accuracy at fixed noise; a sample grid from fixed prompts and seeds; reward."""
+        """Held-out implicit accuracy at fixed noise; a sample grid from fixed prompts and seeds (one
+        column per prompt, one row per seed); the dataset's reward of those samples, when it has one."""
         if not accelerator.is_main_process:
             return
         policy = accelerator.unwrap_model(denoiser)
@@ -354,6 +375,7 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
         with torch.no_grad():
             for start in range(0, len(eval_idx), cfg.train_batch_size):
                 batch = collate_pairs([dataset[i] for i in eval_idx[start: start + cfg.train_batch_size]])
+                note_corrupt(batch["corrupt"])
                 if batch["pixel_values"] is None:
                     continue
                 out = compute_loss(model, policy, reference, objective, batch, step_generator(cfg.seed, 1 << 20, start),
@@ -367,19 +389,30 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
                 rw, rl = ref_err.float().chunk(2)
                 correct.append(-((mw - ml) - (rw - rl)))  # the sign of u (β > 0)
             with accelerator.autocast():
-                seeds = [cfg.validation_seed + k for k in range(2) for _ in prompts]
-                images = model.sample(policy, prompts * 2, seeds, cfg.num_inference_steps, device)
-        row = {"heldout_accuracy": implicit_accuracy(torch.cat(correct)).item() if correct else None}
+                seeds = [cfg.validation_seed + k for k in range(EVAL_SEEDS) for _ in prompts]
+                images = model.sample(policy, prompts * EVAL_SEEDS, seeds, cfg.num_inference_steps, device)
+        scored = torch.cat(correct) if correct else torch.empty(0)
+        row = {"heldout_accuracy": implicit_accuracy(scored).item() if correct else None,
+               "heldout_pairs": int(scored.numel())}
         if hasattr(dataset, "reward"):
-            row["reward"] = dataset.reward(images.cpu(), prompts * 2).mean().item()
+            rewards = dataset.reward(images.cpu(), prompts * EVAL_SEEDS).double()
+            row["reward"] = rewards.mean().item()
+            row["reward_sem"] = (rewards.std() / math.sqrt(rewards.numel())).item()  # standard error of the mean
         from torchvision.utils import save_image
 
         os.makedirs(os.path.join(cfg.output_dir, "samples"), exist_ok=True)
         scale = max(1, 64 // images.shape[-1])  # tiny models: nearest-upscale so the grid can be looked at
         grid = torch.nn.functional.interpolate((images + 1) / 2, scale_factor=scale, mode="nearest") if scale > 1 else (images + 1) / 2
-        save_image(grid, os.path.join(cfg.output_dir, "samples", f"step-{step:06d}.png"), nrow=len(prompts))
+        sample_path = os.path.join(cfg.output_dir, "samples", f"step-{step:06d}.png")
+        save_image(grid, sample_path, nrow=len(prompts))
         logger.log("eval", step, row)
         result.eval_history.append({"step": step, **row})
+        parts = [f"eval step {step}:"]
+        if row["heldout_accuracy"] is not None:
+            parts.append(f"held-out accuracy {row['heldout_accuracy']:.3f} ({row['heldout_pairs']} pairs)")
+        if "reward" in row:
+            parts.append(f"sample reward {row['reward']:+.3f} ± {row['reward_sem']:.3f}")
+        say("  ".join(parts) + f"  → {os.path.relpath(sample_path)}")
 
     # ---- the loop --------------------------------------------------------------------------------
     if global_step == 0 and cfg.validation_steps:
@@ -396,7 +429,7 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
         if epoch == first_epoch and resume_batches:
             batches = accelerator.skip_first_batches(loader, resume_batches)
         for batch_idx, batch in enumerate(batches, start=resume_batches if epoch == first_epoch else 0):
-            corrupt_total += int(batch["corrupt"])
+            note_corrupt(batch["corrupt"])
             batch["epoch"] = epoch  # the reference-error cache is per (pair, epoch)
             with accelerator.accumulate(denoiser):
                 if batch["pixel_values"] is None:  # every image of the micro-batch was unreadable
@@ -430,7 +463,7 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
                 dt = time.perf_counter() - t_update
                 row = {**means, "grad_norm": float(grad_norm) if grad_norm is not None else None,
                        "lr": lr_scheduler.get_last_lr()[0], "pairs_per_s": pairs / dt if dt > 0 else None,
-                       "peak_mem_mb": _peak_memory_mb(device), "corrupt_images": corrupt_total}
+                       "peak_mem_mb": _peak_memory_mb(device), "corrupt_images": len(corrupt_rows)}
                 if accelerator.is_main_process:
                     logger.log("train", global_step, row)
                     result.history.append({"step": global_step, **row})
@@ -450,14 +483,43 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
     accelerator.wait_for_everyone()
     if not (cfg.validation_steps and global_step % cfg.validation_steps == 0):
         evaluate(global_step)
+    if corrupt_rows:
+        result.data_skipped["corrupt_image"] = len(corrupt_rows)
     if accelerator.is_main_process:
         _save_final(accelerator.unwrap_model(denoiser), model, cfg)
         logger.close()
+        curves = None
         if "png" in cfg.report_to.split(","):
-            plot_curves(log_dir, os.path.join(cfg.output_dir, "curves.png"))
+            curves = plot_curves(log_dir, os.path.join(cfg.output_dir, "curves.png"))
+        say(_summary(cfg, result, curves, time.perf_counter() - t_start))
     accelerator.end_training()
     result.global_step = global_step
     return result
+
+
+def _summary(cfg: TrainConfig, result: TrainResult, curves: str | None, seconds: float) -> str:
+    """The closing lines: the first and last evaluation, and where everything was written."""
+    out = cfg.output_dir
+    lines = [f"fastpref-train: done, {result.global_step} steps in {seconds / 60:.1f} min → {out}"]
+    evals = result.eval_history
+    if evals:
+        first, last = evals[0], evals[-1]
+        for key, name in (("heldout_accuracy", "held-out implicit accuracy"), ("reward", "mean sample reward")):
+            if last.get(key) is not None:
+                start = f"{first[key]:+.3f} (step {first['step']}) → " if first is not last and first.get(key) is not None else ""
+                sem = f" ± {last['reward_sem']:.3f}" if key == "reward" else ""
+                lines.append(f"  {name}: {start}{last[key]:+.3f}{sem} (step {last['step']})")
+    skipped = ", ".join(f"{v} {k}" for k, v in result.data_skipped.items())
+    if skipped:
+        lines.append(f"  data skipped: {skipped}")
+    weights = "pytorch_lora_weights.safetensors" if cfg.is_lora else "unet/ or transformer/"
+    lines.append(f"  weights: {os.path.join(out, weights)}")
+    lines.append(f"  samples: {os.path.join(out, 'samples')}/step-*.png (one column per prompt, one row per seed)")
+    lines.append(f"  logs: {os.path.join(out, 'logs')}/train.csv, eval.csv" + ("" if "tensorboard" not in cfg.report_to
+                 else f", tensorboard --logdir {os.path.join(out, 'logs', 'tensorboard')}"))
+    if curves:
+        lines.append(f"  curves: {curves}")
+    return "\n".join(lines)
 
 
 def _save_final(denoiser, model: DiffusionModel, cfg: TrainConfig) -> None:

@@ -209,9 +209,10 @@ class _TrainingPairs(Sequence):
 
     def __getitem__(self, i):
         item = self.dataset[int(i)]
-        caption = item["caption"] if item is not None else ""
+        readable = isinstance(item, dict)  # an unreadable row comes back as data.CorruptPair
+        caption = item["caption"] if readable else ""
         cond = {k: v[0].cpu() for k, v in self.model.encode_prompts([caption], self.device).items()}
-        if item is None:
+        if not readable:
             r = self.dataset.resolution // self.model.vae_scale_factor
             return {"latents": torch.zeros(2, self.model.latent_channels, r, r), "cond": cond}
         px = item["pixel_values"].to(self.device)  # (2, C, H, W): winner, loser
