@@ -130,7 +130,10 @@ def supervised_warmup(model: DiffusionModel, dataset, indices: list[int], cfg: T
     folder = os.path.join(cfg.output_dir, "sft_model")
     lr = cfg.sft_learning_rate or cfg.learning_rate
     marker = {"model": cfg.pretrained_model_name_or_path, "sft_steps": cfg.sft_steps, "seed": cfg.seed,
-              "dataset": cfg.dataset, "learning_rate": lr, "train_batch_size": cfg.train_batch_size}
+              "dataset": cfg.dataset, "learning_rate": lr, "train_batch_size": cfg.train_batch_size,
+              "pairs": len(indices), "resolution": dataset.resolution,
+              # the architecture too: an embedded model whose definition changed must not reuse an old warm-up
+              "denoiser_config": json.loads(json.dumps(dict(model.denoiser.config), default=str))}
     marker_path = os.path.join(folder, "fastpref_sft.json")
     if os.path.isfile(marker_path):
         with open(marker_path) as fh:
