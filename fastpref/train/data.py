@@ -38,11 +38,14 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------------------
-# Embedded synthetic set: a coloured disc on a textured background; the preferred image is the one
-# whose disc has the colour the prompt names. The rule is a reward anyone can compute.
+# Embedded synthetic set: a coloured disc on a grey background. For the prompt "a red disc" the
+# preferred image has a red disc, the rejected one a disc in red's neighbour on the palette ring
+# (green). A model warmed up on both images of every pair therefore draws two colours for each prompt
+# (its own and its neighbour) and the preference has to select the prompt's one — a change anyone can
+# see in a sample grid and measure with the reward below.
 # ----------------------------------------------------------------------------------------------
 
-PALETTE = {
+PALETTE = {  # in ring order: each colour's rejected partner is the next one
     "red": (0.9, -0.8, -0.8),
     "green": (-0.8, 0.8, -0.8),
     "blue": (-0.8, -0.8, 0.9),
@@ -54,9 +57,10 @@ PALETTE = {
 
 class SyntheticPreferences(Dataset):
     """``size`` pairs, item i generated from seed ``(seed, i)``: prompt "a {colour} disc"; both images
-    hold a disc at a random place on a grey background, the winner's disc in the prompt's
-    colour (± jitter), the loser's in another palette colour. :meth:`reward` scores any image for a
-    prompt — the winner always scores higher, so the preference follows the reward."""
+    hold a disc near the centre (random offset and radius) on a flat grey background, the winner's in
+    the prompt's colour (± jitter), the loser's in the next palette colour (red → green → blue → yellow
+    → magenta → cyan → red). :meth:`reward` scores any image for a prompt — the winner always scores
+    higher, so the preference follows the reward."""
 
     def __init__(self, size: int = 512, resolution: int = 16, seed: int = 0):
         self.size, self.resolution, self.seed = size, resolution, seed
@@ -72,18 +76,19 @@ class SyntheticPreferences(Dataset):
     def _image(self, g: torch.Generator, rgb) -> torch.Tensor:
         r = self.resolution
         yy, xx = torch.meshgrid(torch.arange(r, dtype=torch.float32), torch.arange(r, dtype=torch.float32), indexing="ij")
-        cy, cx = (0.3 + 0.4 * torch.rand(2, generator=g)) * r
-        radius = (0.25 + 0.1 * torch.rand(1, generator=g)) * r
+        cy, cx = (0.4 + 0.2 * torch.rand(2, generator=g)) * r
+        radius = (0.28 + 0.08 * torch.rand(1, generator=g)) * r
         mask = ((yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2).float()
-        # a plain grey background with a little pixel noise: easy enough for a tiny model to learn in minutes
-        background = (0.4 * torch.rand(1, generator=g) - 0.2) + 0.05 * torch.randn(3, r, r, generator=g)
-        color = torch.tensor(rgb) + 0.1 * torch.randn(3, generator=g)
+        # a flat grey background with a little pixel noise: simple enough for a tiny model to learn in a
+        # minute, so that what the warm-up has left to decide is the colour
+        background = (0.3 * torch.rand(1, generator=g) - 0.15) + 0.02 * torch.randn(3, r, r, generator=g)
+        color = torch.tensor(rgb) + 0.05 * torch.randn(3, generator=g)
         return (mask * color[:, None, None] + (1 - mask) * background).clamp(-1, 1)
 
     def __getitem__(self, i: int) -> dict:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(i))
         c = int(torch.randint(len(self.colors), (1,), generator=g))
-        other = (c + 1 + int(torch.randint(len(self.colors) - 1, (1,), generator=g))) % len(self.colors)
+        other = (c + 1) % len(self.colors)
         win = self._image(g, PALETTE[self.colors[c]])
         lose = self._image(g, PALETTE[self.colors[other]])
         return {"pixel_values": torch.stack([win, lose]), "caption": f"a {self.colors[c]} disc", "index": int(i)}

@@ -38,7 +38,7 @@ from fastpref.train.ref import NEEDS_FROZEN_COPY, REFERENCE_MODES, ReferenceMode
 
 __all__ = ["train", "compute_loss", "StepOutput", "TrainResult"]
 
-EVAL_SEEDS = 4  # rows of the evaluation grid: each prompt is sampled from this many fixed seeds
+EVAL_SEEDS = 8  # rows of the evaluation grid: each prompt is sampled from this many fixed seeds
 
 
 @dataclass
@@ -140,6 +140,8 @@ def supervised_warmup(model: DiffusionModel, dataset, indices: list[int], cfg: T
             if json.load(fh) == marker:
                 accelerator.print(f"supervised warm-up: reusing {folder}")
                 return load_model(folder, weighting_scheme=model.weighting_scheme)
+    accelerator.print(f"supervised warm-up: {cfg.sft_steps} steps of the plain diffusion loss on both images of "
+                      f"each pair, saved to {folder} (a later run with the same settings reuses it)")
     device = accelerator.device
     for m in model.frozen_modules():
         m.requires_grad_(False).eval().to(device)
@@ -486,6 +488,7 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
     accelerator.wait_for_everyone()
     if not (cfg.validation_steps and global_step % cfg.validation_steps == 0):
         evaluate(global_step)
+    result.global_step = global_step
     if corrupt_rows:
         result.data_skipped["corrupt_image"] = len(corrupt_rows)
     if accelerator.is_main_process:
@@ -496,7 +499,6 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
             curves = plot_curves(log_dir, os.path.join(cfg.output_dir, "curves.png"))
         say(_summary(cfg, result, curves, time.perf_counter() - t_start))
     accelerator.end_training()
-    result.global_step = global_step
     return result
 
 
