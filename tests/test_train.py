@@ -267,7 +267,7 @@ def test_pickapic_parquet_drops_ties_and_counts_bad_rows(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from fastpref.train.data import PickAPicParquet, build_dataset, collate_pairs
+    from fastpref.train.data import CorruptPair, PickAPicParquet, build_dataset, collate_pairs
 
     rows = _pickapic_rows()
     table = pa.table({k: [r[i] for r in rows] for i, k in enumerate(("jpg_0", "jpg_1", "label_0", "caption"))})
@@ -280,15 +280,16 @@ def test_pickapic_parquet_drops_ties_and_counts_bad_rows(tmp_path):
     assert first["pixel_values"].shape == (2, 3, 8, 8)
     for item in (first, swapped):  # the winner (slot 0) is the red image either way
         assert item["pixel_values"][0, 0].mean() > 0.5 and item["pixel_values"][1, 2].mean() > 0.5
-    assert ds[2] is None  # the corrupt row
+    assert isinstance(ds[2], CorruptPair)  # the corrupt row
     batch = collate_pairs([ds[0], ds[2], ds[3]])
-    assert batch["corrupt"] == 1 and batch["pixel_values"].shape[0] == 2
+    assert list(batch["corrupt"]) == [2] and batch["pixel_values"].shape[0] == 2
     # it trains, and the corrupt image is counted in the log
     cfg = config(tmp_path, dataset=str(tmp_path / "train-0.parquet"), max_train_steps=4, max_train_pairs=4,
                  eval_pairs=0, train_batch_size=2)
     result = train(cfg, model=tiny())
-    assert result.global_step == 4 and result.data_skipped == {"tie": 1, "missing_caption": 2}
-    assert int(read_rows(os.path.join(cfg.output_dir, "logs", "train.csv"))[-1]["corrupt_images"]) == 2  # 2 epochs
+    assert result.global_step == 4 and result.data_skipped == {"tie": 1, "missing_caption": 2, "corrupt_image": 1}
+    # 2 epochs read the corrupt row twice: it is one row
+    assert int(read_rows(os.path.join(cfg.output_dir, "logs", "train.csv"))[-1]["corrupt_images"]) == 1
 
 
 def test_folder_layout_and_empty_dataset(tmp_path):
@@ -307,7 +308,7 @@ def test_folder_layout_and_empty_dataset(tmp_path):
     assert dict(ds.skipped) == {"tie": 1, "bad_metadata_line": 1}
     assert ds[0]["pixel_values"][0, 2].mean() > 0.5  # image_1 (blue) won
     (tmp_path / "metadata.jsonl").write_text(json.dumps(lines[1]) + "\n")
-    with pytest.raises(ValueError, match=r"no usable preference pair \(1 tie\)"):
+    with pytest.raises(ValueError, match=r"no usable preference pair \(1 tie \(.*metadata.jsonl line 1: label_0 0.5\)\)"):
         build_dataset(str(tmp_path), resolution=8)
     with pytest.raises(ValueError, match="expected 'synthetic', a Pick-a-Pic"):
         build_dataset(str(tmp_path / "nowhere.txt"), resolution=8)

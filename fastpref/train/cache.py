@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from fastpref.reference import pair_errors
+from fastpref.train.data import CorruptPair
 from fastpref.train.noise import noise_pairs, vae_generators
 from fastpref.train.reference import reference_prediction
 
@@ -245,16 +246,18 @@ class LatentCache(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         k = int(_lookup(self._pos, [i], "latent cache")[0])
         if not self.valid[k]:
-            return None
+            return CorruptPair(int(i), f"row {int(i)} (unreadable when the latent cache was built)")
         return {"latents": self._latents[k: k + 1][0], "cond": {n: s[k: k + 1][0] for n, s in self._cond.items()},
                 "index": int(i)}
 
 
 def collate_cached(items: list) -> dict:
     """:func:`fastpref.train.data.collate_pairs` for latent-cache rows: ``latents`` (B, 2, C, h, w),
-    ``cond``, ``index``; ``None`` rows are dropped and counted in ``corrupt``."""
-    good = [it for it in items if it is not None]
-    batch = {"index": torch.tensor([it["index"] for it in good], dtype=torch.long), "corrupt": len(items) - len(good)}
+    ``cond``, ``index``; :class:`~fastpref.train.data.CorruptPair` rows are dropped and handed on in
+    ``corrupt`` (``{index: where}``), as ``collate_pairs`` does."""
+    good = [it for it in items if not isinstance(it, CorruptPair)]
+    batch = {"index": torch.tensor([it["index"] for it in good], dtype=torch.long),
+             "corrupt": {it.index: it.where for it in items if isinstance(it, CorruptPair)}}
     if good:
         batch["latents"] = torch.stack([it["latents"] for it in good])
         batch["cond"] = {n: torch.stack([it["cond"][n] for it in good]) for n in good[0]["cond"]}
@@ -350,10 +353,10 @@ def precompute(model, dataset, rows: Sequence[int], *, seed: int, device, latent
     try:
         for start in tqdm(range(0, len(rows), batch_size), desc="precompute", unit="batch", disable=not progress):
             items = [source[i] for i in rows[start: start + batch_size]]
-            batch = collate([it for it in items if it is not None])
+            batch = collate(items)  # unreadable rows dropped (their errors stay NaN)
             if not len(batch["index"]):
                 continue
-            pos = [start + k for k, it in enumerate(items) if it is not None]
+            pos = [start + k for k, it in enumerate(items) if not isinstance(it, CorruptPair)]
             x0, cond = encode(model, batch, seed, device)
             b = len(pos)
             if latents_path is not None:

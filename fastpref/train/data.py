@@ -2,11 +2,14 @@
 synthetic set generated on the fly.
 
 Every dataset yields ``{"pixel_values": (2, 3, H, W) in [−1, 1], winner first; "caption": str;
-"index": int}``. Rows that cannot be used are skipped and counted in ``dataset.skipped`` (a dict
-``reason → count`` the trainer logs): ties (``label_0 = 0.5``) and missing captions when the index is
-built, corrupt images when they are decoded (the item comes back as ``None`` and
-:func:`collate_pairs` drops it and counts it in the batch). A dataset with no usable pair is refused
-with a message that says what was found.
+"index": int}``. Rows that cannot be used are skipped and counted once in ``dataset.skipped`` (a dict
+``reason → count`` the trainer logs), and where they are is kept in ``dataset.problems`` (``reason →
+["file line N: what is wrong", …]``, the first few per reason): ties (``label_0 = 0.5``), missing
+captions and labels that are not numbers in [0, 1] when the index is built; corrupt images when they
+are decoded — the item then comes back as :class:`CorruptPair`, which :func:`collate_pairs` drops and
+hands to the trainer (``batch["corrupt"]``, index → where) so that each bad row is counted once
+however many epochs read it. A dataset with no usable pair is refused with a message that says what
+was found and where.
 """
 
 from __future__ import annotations
@@ -17,26 +20,32 @@ import json
 import math
 import os
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import Dataset, Sampler
 
 __all__ = [
     "SyntheticPreferences",
+    "CorruptPair",
     "PickAPicParquet",
     "FolderPairs",
     "build_dataset",
+    "describe_skips",
     "collate_pairs",
     "EpochSampler",
 ]
 
 
 # ----------------------------------------------------------------------------------------------
-# Embedded synthetic set: a coloured disc on a textured background; the preferred image is the one
-# whose disc has the colour the prompt names. The rule is a reward anyone can compute.
+# Embedded synthetic set: a coloured disc on a grey background. For the prompt "a red disc" the
+# preferred image has a red disc, the rejected one a disc in red's neighbour on the palette ring
+# (green). A model warmed up on both images of every pair therefore draws two colours for each prompt
+# (its own and its neighbour) and the preference has to select the prompt's one — a change anyone can
+# see in a sample grid and measure with the reward below.
 # ----------------------------------------------------------------------------------------------
 
-PALETTE = {
+PALETTE = {  # in ring order: each colour's rejected partner is the next one
     "red": (0.9, -0.8, -0.8),
     "green": (-0.8, 0.8, -0.8),
     "blue": (-0.8, -0.8, 0.9),
@@ -48,9 +57,10 @@ PALETTE = {
 
 class SyntheticPreferences(Dataset):
     """``size`` pairs, item i generated from seed ``(seed, i)``: prompt "a {colour} disc"; both images
-    hold a disc at a random place on a grey background, the winner's disc in the prompt's
-    colour (± jitter), the loser's in another palette colour. :meth:`reward` scores any image for a
-    prompt — the winner always scores higher, so the preference follows the reward."""
+    hold a disc near the centre (random offset and radius) on a flat grey background, the winner's in
+    the prompt's colour (± jitter), the loser's in the next palette colour (red → green → blue → yellow
+    → magenta → cyan → red). :meth:`reward` scores any image for a prompt — the winner always scores
+    higher, so the preference follows the reward."""
 
     def __init__(self, size: int = 512, resolution: int = 16, seed: int = 0):
         self.size, self.resolution, self.seed = size, resolution, seed
@@ -66,32 +76,49 @@ class SyntheticPreferences(Dataset):
     def _image(self, g: torch.Generator, rgb) -> torch.Tensor:
         r = self.resolution
         yy, xx = torch.meshgrid(torch.arange(r, dtype=torch.float32), torch.arange(r, dtype=torch.float32), indexing="ij")
-        cy, cx = (0.3 + 0.4 * torch.rand(2, generator=g)) * r
-        radius = (0.25 + 0.1 * torch.rand(1, generator=g)) * r
+        cy, cx = (0.4 + 0.2 * torch.rand(2, generator=g)) * r
+        radius = (0.28 + 0.08 * torch.rand(1, generator=g)) * r
         mask = ((yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2).float()
-        # a plain grey background with a little pixel noise: easy enough for a tiny model to learn in minutes
-        background = (0.4 * torch.rand(1, generator=g) - 0.2) + 0.05 * torch.randn(3, r, r, generator=g)
-        color = torch.tensor(rgb) + 0.1 * torch.randn(3, generator=g)
+        # a flat grey background with a little pixel noise: simple enough for a tiny model to learn in a
+        # minute, so that what the warm-up has left to decide is the colour
+        background = (0.3 * torch.rand(1, generator=g) - 0.15) + 0.02 * torch.randn(3, r, r, generator=g)
+        color = torch.tensor(rgb) + 0.05 * torch.randn(3, generator=g)
         return (mask * color[:, None, None] + (1 - mask) * background).clamp(-1, 1)
 
     def __getitem__(self, i: int) -> dict:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(i))
         c = int(torch.randint(len(self.colors), (1,), generator=g))
-        other = (c + 1 + int(torch.randint(len(self.colors) - 1, (1,), generator=g))) % len(self.colors)
+        other = (c + 1) % len(self.colors)
         win = self._image(g, PALETTE[self.colors[c]])
         lose = self._image(g, PALETTE[self.colors[other]])
         return {"pixel_values": torch.stack([win, lose]), "caption": f"a {self.colors[c]} disc", "index": int(i)}
 
     @staticmethod
-    def reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def prompt_colour(prompt: str) -> str | None:
+        """The palette colour ``prompt`` asks for: the one palette name among its words (case-insensitive),
+        or ``None`` when it names none or several — such a prompt cannot be scored."""
+        named = [c for c in PALETTE if c in prompt.lower().split()]
+        return named[0] if len(named) == 1 else None
+
+    @classmethod
+    def unscorable(cls, prompts: list[str]) -> list[str]:
+        """The prompts :meth:`reward` cannot score (checked before training, so none reaches it)."""
+        return [p for p in prompts if cls.prompt_colour(p) is None]
+
+    @classmethod
+    def reward(cls, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """Per image: the fraction of pixels within distance 0.6 of the prompt's colour, minus the
         fraction near any other palette colour. In [−1, 1]; higher = more of the asked-for colour."""
+        bad = cls.unscorable(prompts)
+        if bad:
+            raise ValueError(f"the synthetic reward cannot score {bad!r}: a prompt must name exactly one of the "
+                             f"colours {', '.join(PALETTE)} as a word, e.g. 'a red disc'")
         images = images.float().clamp(-1, 1)
         pix = images.flatten(2).transpose(1, 2)  # (N, HW, 3)
         table = torch.tensor(list(PALETTE.values()))  # (K, 3)
         near = (torch.cdist(pix, table.expand(pix.shape[0], -1, -1)) < 0.6).float().mean(1)  # (N, K)
         names = list(PALETTE)
-        idx = torch.tensor([names.index(next(c for c in names if f" {c} " in f" {p} ")) for p in prompts])
+        idx = torch.tensor([names.index(cls.prompt_colour(p)) for p in prompts])
         own = near.gather(1, idx[:, None]).squeeze(1)
         return own - (near.sum(1) - own)
 
@@ -122,17 +149,37 @@ def _decode(data: bytes, transform) -> torch.Tensor | None:
         return None
 
 
+MAX_PROBLEMS = 5  # locations kept per skip reason (the counts are complete)
+
+
+@dataclass(frozen=True)
+class CorruptPair:
+    """What a dataset returns for a pair whose image cannot be read: its index and where it is."""
+
+    index: int
+    where: str
+
+
 def _usable_caption(caption) -> bool:
     return isinstance(caption, str) and caption.strip() != ""
 
 
+def _label(value) -> float | None:
+    """``label_0`` as a float in [0, 1], or ``None`` when it is not one (a string, a bool, 2, …)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if 0.0 <= value <= 1.0 else None
+
+
 class _PairIndex(Dataset):
-    """Shared bookkeeping: rows ``(source, winner_is_0, caption)`` and skip counts."""
+    """Shared bookkeeping: rows ``(source, winner_is_0, caption, where)``, skip counts and locations."""
 
     def __init__(self, resolution: int):
         self.resolution = resolution  # the trainer sets it to the model's once the model is loaded
         self._transform = (None, None)
         self.skipped: Counter = Counter()
+        self.problems: dict[str, list[str]] = {}
         self.rows: list = []
 
     @property
@@ -141,24 +188,34 @@ class _PairIndex(Dataset):
             self._transform = (self.resolution, _image_transform(self.resolution))
         return self._transform[1]
 
-    def _add(self, ref, label_0, caption) -> None:
+    def _skip(self, reason: str, where: str) -> None:
+        self.skipped[reason] += 1
+        kept = self.problems.setdefault(reason, [])
+        if len(kept) < MAX_PROBLEMS:
+            kept.append(where)
+
+    def _add(self, ref, label_0, caption, where: str) -> None:
+        """Index one row; ``where`` names it for messages ("metadata.jsonl line 7", "x.parquet row 12")."""
         if not _usable_caption(caption):
-            self.skipped["missing_caption"] += 1
+            self._skip("missing_caption", f"{where}: caption {caption!r}")
         elif label_0 is None or (isinstance(label_0, float) and math.isnan(label_0)):
-            self.skipped["missing_label"] += 1
+            self._skip("missing_label", f"{where}: no label_0")
+        elif _label(label_0) is None:
+            self._skip("bad_label", f"{where}: label_0 {label_0!r} is not a number in [0, 1] (1, 0 or 0.5 for a tie)")
         elif float(label_0) == 0.5:
-            self.skipped["tie"] += 1
+            self._skip("tie", f"{where}: label_0 0.5")
         else:
-            self.rows.append((ref, float(label_0) > 0.5, caption))
+            self.rows.append((ref, float(label_0) > 0.5, caption, where))
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def _item(self, i, raw0: bytes, raw1: bytes):
-        _, winner_is_0, caption = self.rows[i]
+        _, winner_is_0, caption, where = self.rows[i]
         a, b = _decode(raw0, self.transform), _decode(raw1, self.transform)
         if a is None or b is None:
-            return None  # counted by collate_pairs as a corrupt image
+            which = " and ".join(n for n, x in (("image_0", a), ("image_1", b)) if x is None)
+            return CorruptPair(int(i), f"{where}: {which} cannot be decoded")
         win, lose = (a, b) if winner_is_0 else (b, a)
         return {"pixel_values": torch.stack([win, lose]), "caption": caption, "index": int(i)}
 
@@ -168,6 +225,7 @@ class PickAPicParquet(_PairIndex):
 
     ``label_0 = 1`` → image 0 preferred, ``0`` → image 1, ``0.5`` → tie (dropped, counted). The index
     reads only ``label_0`` and ``caption``; image bytes are read per row group when an item is asked for.
+    Rows are named by file and row number (0-based, counted over the file's row groups).
     """
 
     COLUMNS = ("jpg_0", "jpg_1", "label_0", "caption")
@@ -181,21 +239,26 @@ class PickAPicParquet(_PairIndex):
             raise ValueError(f"--dataset {path!r}: no .parquet files found there")
         self.files = files
         for fi, f in enumerate(files):
-            pf = pq.ParquetFile(f)
+            try:
+                pf = pq.ParquetFile(f)
+            except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+                raise ValueError(f"--dataset: {f} is not a readable parquet file: {exc}") from None
             missing = [c for c in self.COLUMNS if c not in pf.schema_arrow.names]
             if missing:
                 raise ValueError(f"--dataset {f!r} lacks the Pick-a-Pic columns {missing} "
                                  f"(has {pf.schema_arrow.names}); expected {list(self.COLUMNS)}")
+            row = 0
             for rg in range(pf.num_row_groups):
                 t = pf.read_row_group(rg, columns=["label_0", "caption"]).to_pydict()
                 for k, (label, caption) in enumerate(zip(t["label_0"], t["caption"])):
-                    self._add((fi, rg, k), label, caption)
+                    self._add((fi, rg, k), label, caption, f"{f} row {row}")
+                    row += 1
         self._cache_key, self._cache = None, None
 
     def __getitem__(self, i: int):
         import pyarrow.parquet as pq
 
-        (fi, rg, k), _, _ = self.rows[i]
+        (fi, rg, k), _, _, _ = self.rows[i]
         if self._cache_key != (fi, rg):  # one row group in memory at a time (per worker)
             self._cache = pq.ParquetFile(self.files[fi]).read_row_group(rg, columns=["jpg_0", "jpg_1"]).to_pydict()
             self._cache_key = (fi, rg)
@@ -214,18 +277,19 @@ class FolderPairs(_PairIndex):
             for n, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
+                where = f"{meta} line {n}"
                 try:
                     rec = json.loads(line)
-                except json.JSONDecodeError:
-                    self.skipped["bad_metadata_line"] += 1
+                except json.JSONDecodeError as exc:
+                    self._skip("bad_metadata_line", f"{where}: not JSON ({exc.msg})")
                     continue
                 if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) for k in ("image_0", "image_1")):
-                    self.skipped["bad_metadata_line"] += 1
+                    self._skip("bad_metadata_line", f"{where}: expected an object with image_0 and image_1 paths")
                     continue
-                self._add((rec["image_0"], rec["image_1"]), rec.get("label_0"), rec.get("caption"))
+                self._add((rec["image_0"], rec["image_1"]), rec.get("label_0"), rec.get("caption"), where)
 
     def __getitem__(self, i: int):
-        (p0, p1), _, _ = self.rows[i]
+        (p0, p1), _, _, _ = self.rows[i]
 
         def read(p):
             try:
@@ -235,6 +299,17 @@ class FolderPairs(_PairIndex):
                 return b""
 
         return self._item(i, read(p0), read(p1))
+
+
+def describe_skips(dataset, limit: int = 2) -> str:
+    """``"2 tie, 1 bad_label (…/metadata.jsonl line 3: label_0 'yes' is not …)"`` or ``"none"``."""
+    problems = getattr(dataset, "problems", {})
+    parts = []
+    for reason, count in dataset.skipped.items():
+        where = problems.get(reason, [])[:limit]
+        more = ", …" if count > len(where) and where else ""
+        parts.append(f"{count} {reason}" + (f" ({'; '.join(where)}{more})" if where else ""))
+    return ", ".join(parts) or "none"
 
 
 def build_dataset(spec: str, *, resolution: int, synthetic_size: int = 512, seed: int = 0) -> Dataset:
@@ -249,22 +324,24 @@ def build_dataset(spec: str, *, resolution: int, synthetic_size: int = 512, seed
         raise ValueError(f"--dataset {spec!r}: expected 'synthetic', a Pick-a-Pic .parquet file, a folder of them, "
                          "or a folder with metadata.jsonl (image_0, image_1, label_0, caption per line)")
     if len(ds) == 0:
-        found = ", ".join(f"{v} {k}" for k, v in ds.skipped.items()) or "no rows"
-        raise ValueError(f"--dataset {spec!r} has no usable preference pair ({found}); ties (label_0 = 0.5) "
-                         "and rows without a caption are dropped — point --dataset at data with decided pairs")
+        raise ValueError(f"--dataset {spec!r} has no usable preference pair ({describe_skips(ds)}); ties "
+                         "(label_0 = 0.5), rows without a caption and labels that are not numbers in [0, 1] "
+                         "are dropped — point --dataset at data with decided pairs")
     return ds
 
 
 def collate_pairs(items: list) -> dict:
-    """Stack items; ``None`` items (corrupt images) are dropped and counted in ``batch["corrupt"]``."""
-    good = [it for it in items if it is not None]
+    """Stack items; :class:`CorruptPair` items are dropped and handed on in ``batch["corrupt"]``
+    (``{index: where}``), so that the trainer counts each unreadable row once across epochs."""
+    good = [it for it in items if not isinstance(it, CorruptPair)]
+    corrupt = {it.index: it.where for it in items if isinstance(it, CorruptPair)}
     if not good:
-        return {"pixel_values": None, "caption": [], "index": torch.empty(0, dtype=torch.long), "corrupt": len(items)}
+        return {"pixel_values": None, "caption": [], "index": torch.empty(0, dtype=torch.long), "corrupt": corrupt}
     return {
         "pixel_values": torch.stack([it["pixel_values"] for it in good]),
         "caption": [it["caption"] for it in good],
         "index": torch.tensor([it["index"] for it in good]),
-        "corrupt": len(items) - len(good),
+        "corrupt": corrupt,
     }
 
 

@@ -36,8 +36,11 @@ from fastpref.train.models import LORA_TARGET_MODULES, DiffusionModel, load_mode
 from fastpref.train.noise import noise_pairs
 from fastpref.train.objectives import get_objective
 from fastpref.train.reference import make_reference, resolve_reference_mode
+from fastpref.train.preflight import preflight
 
 __all__ = ["train", "compute_loss", "StepOutput", "TrainResult"]
+
+EVAL_SEEDS = 8  # rows of the evaluation grid: each prompt is sampled from this many fixed seeds
 
 
 @dataclass
@@ -103,7 +106,7 @@ def _default_prompts(dataset, indices: list[int], n: int = 4) -> list[str]:
     out: list[str] = []
     for i in indices:
         item = dataset[i]
-        if item is not None and item["caption"] not in out:
+        if isinstance(item, dict) and item["caption"] not in out:
             out.append(item["caption"])
         if len(out) == n:
             break
@@ -122,13 +125,18 @@ def supervised_warmup(model: DiffusionModel, dataset, indices: list[int], cfg: T
     folder = os.path.join(cfg.output_dir, "sft_model")
     lr = cfg.sft_learning_rate or cfg.learning_rate
     marker = {"model": cfg.pretrained_model_name_or_path, "sft_steps": cfg.sft_steps, "seed": cfg.seed,
-              "dataset": cfg.dataset, "learning_rate": lr, "train_batch_size": cfg.train_batch_size}
+              "dataset": cfg.dataset, "learning_rate": lr, "train_batch_size": cfg.train_batch_size,
+              "pairs": len(indices), "resolution": dataset.resolution,
+              # the architecture too: an embedded model whose definition changed must not reuse an old warm-up
+              "denoiser_config": json.loads(json.dumps(dict(model.denoiser.config), default=str))}
     marker_path = os.path.join(folder, "fastpref_sft.json")
     if os.path.isfile(marker_path):
         with open(marker_path) as fh:
             if json.load(fh) == marker:
                 accelerator.print(f"supervised warm-up: reusing {folder}")
                 return load_model(folder, weighting_scheme=model.weighting_scheme)
+    accelerator.print(f"supervised warm-up: {cfg.sft_steps} steps of the plain diffusion loss on both images of "
+                      f"each pair, saved to {folder} (a later run with the same settings reuses it)")
     device = accelerator.device
     for m in model.frozen_modules():
         m.requires_grad_(False).eval().to(device)
@@ -200,6 +208,9 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
                                  else f"{type(model.denoiser).__name__} given to train()", reference=mode_name,
                                  train_pairs=len(train_idx), eval_pairs=len(eval_idx), skipped=dict(dataset.skipped)))
 
+    t_start = time.perf_counter()
+    preflight(cfg, dataset, cfg.validation_prompts, accelerator.print)  # unwritable output, unscorable prompts
+
     # ---- model -----------------------------------------------------------------------------------
     if model is None:
         model = load_model(cfg.pretrained_model_name_or_path, revision=cfg.revision,
@@ -269,7 +280,7 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
     updates_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
     if ref_cache is not None:  # refuse now a run the reference-error cache does not cover
         ref_cache.check_covers(rows, math.ceil(cfg.max_train_steps / updates_per_epoch))
-    global_step, corrupt_total = 0, 0
+    global_step, corrupt_rows = 0, {}  # corrupt_rows: dataset index → where (each unreadable row counted once)
     # the data position is counted in optimizer steps: a resume needs the same batch geometry
     resume_must_match = {"loss": cfg.loss, "lora_rank": cfg.lora_rank, "train_batch_size": cfg.train_batch_size,
                          "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "num_processes": world}
@@ -277,7 +288,8 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
         state = load_checkpoint(accelerator, cfg.resume_from_checkpoint, cfg.output_dir,
                                 expected=resume_must_match)
         if state is not None:
-            global_step, corrupt_total = state["global_step"], state.get("corrupt_images", 0)
+            global_step = state["global_step"]
+            corrupt_rows = {int(i): "" for i in state.get("corrupt_rows", [])}
 
     # ---- logging ---------------------------------------------------------------------------------
     log_dir = os.path.join(cfg.output_dir, "logs")
@@ -293,8 +305,21 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
     prompts = cfg.validation_prompts or (dataset.prompts() if hasattr(dataset, "prompts") else
                                          _default_prompts(dataset, eval_idx + train_idx))
 
+    def say(msg: str) -> None:  # a console line that does not break the progress bar
+        if accelerator.is_main_process:
+            tqdm.write(msg)
+
+    def note_corrupt(found: dict) -> None:
+        """Count each unreadable row once (epochs re-read it) and say where the first few are."""
+        for i, where in found.items():
+            if i not in corrupt_rows:
+                corrupt_rows[i] = where
+                if len(corrupt_rows) <= 5:
+                    say(f"data: skipped an unreadable pair: {where}")
+
     def evaluate(step: int) -> None:
-        """Held-out implicit accuracy at fixed noise; a sample grid from fixed prompts and seeds; reward."""
+        """Held-out implicit accuracy at fixed noise; a sample grid from fixed prompts and seeds (one
+        column per prompt, one row per seed); the dataset's reward of those samples, when it has one."""
         if not accelerator.is_main_process:
             return
         policy = accelerator.unwrap_model(denoiser)
@@ -302,6 +327,7 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
         with torch.no_grad():
             for start in range(0, len(eval_idx), cfg.train_batch_size):
                 batch = collate([source[i] for i in eval_idx[start: start + cfg.train_batch_size]])
+                note_corrupt(batch["corrupt"])
                 if not len(batch["index"]):
                     continue
                 out = compute_loss(model, policy, reference, objective, batch, cfg, accelerator, clip=clip,
@@ -315,19 +341,30 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
                 rw, rl = ref_err.float().chunk(2)
                 correct.append(-((mw - ml) - (rw - rl)))  # the sign of u (β > 0)
             with accelerator.autocast():
-                seeds = [cfg.validation_seed + k for k in range(2) for _ in prompts]
-                images = model.sample(policy, prompts * 2, seeds, cfg.num_inference_steps, device)
-        row = {"heldout_accuracy": implicit_accuracy(torch.cat(correct)).item() if correct else None}
+                seeds = [cfg.validation_seed + k for k in range(EVAL_SEEDS) for _ in prompts]
+                images = model.sample(policy, prompts * EVAL_SEEDS, seeds, cfg.num_inference_steps, device)
+        scored = torch.cat(correct) if correct else torch.empty(0)
+        row = {"heldout_accuracy": implicit_accuracy(scored).item() if correct else None,
+               "heldout_pairs": int(scored.numel())}
         if hasattr(dataset, "reward"):
-            row["reward"] = dataset.reward(images.cpu(), prompts * 2).mean().item()
+            rewards = dataset.reward(images.cpu(), prompts * EVAL_SEEDS).double()
+            row["reward"] = rewards.mean().item()
+            row["reward_sem"] = (rewards.std() / math.sqrt(rewards.numel())).item()  # standard error of the mean
         from torchvision.utils import save_image
 
         os.makedirs(os.path.join(cfg.output_dir, "samples"), exist_ok=True)
         scale = max(1, 64 // images.shape[-1])  # tiny models: nearest-upscale so the grid can be looked at
         grid = torch.nn.functional.interpolate((images + 1) / 2, scale_factor=scale, mode="nearest") if scale > 1 else (images + 1) / 2
-        save_image(grid, os.path.join(cfg.output_dir, "samples", f"step-{step:06d}.png"), nrow=len(prompts))
+        sample_path = os.path.join(cfg.output_dir, "samples", f"step-{step:06d}.png")
+        save_image(grid, sample_path, nrow=len(prompts))
         logger.log("eval", step, row)
         result.eval_history.append({"step": step, **row})
+        parts = [f"eval step {step}:"]
+        if row["heldout_accuracy"] is not None:
+            parts.append(f"held-out accuracy {row['heldout_accuracy']:.3f} ({row['heldout_pairs']} pairs)")
+        if "reward" in row:
+            parts.append(f"sample reward {row['reward']:+.3f} ± {row['reward_sem']:.3f}")
+        say("  ".join(parts) + f"  → {os.path.relpath(sample_path)}")
 
     # ---- the loop --------------------------------------------------------------------------------
     if global_step == 0 and cfg.validation_steps:
@@ -345,7 +382,7 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
         if epoch == first_epoch and resume_batches:
             batches = accelerator.skip_first_batches(loader, resume_batches)
         for batch_idx, batch in enumerate(batches, start=resume_batches if epoch == first_epoch else 0):
-            corrupt_total += int(batch["corrupt"])
+            note_corrupt(batch["corrupt"])
             batch["epoch"] = epoch  # the reference-error cache is per (pair, epoch)
             with accelerator.accumulate(denoiser):
                 if not len(batch["index"]):  # every image of the micro-batch was unreadable
@@ -378,7 +415,7 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
                 dt = time.perf_counter() - t_update
                 row = {**means, "grad_norm": float(grad_norm) if grad_norm is not None else None,
                        "lr": lr_scheduler.get_last_lr()[0], "pairs_per_s": pairs / dt if dt > 0 else None,
-                       "peak_mem_mb": _peak_memory_mb(device), "corrupt_images": corrupt_total}
+                       "peak_mem_mb": _peak_memory_mb(device), "corrupt_images": len(corrupt_rows)}
                 if accelerator.is_main_process:
                     logger.log("train", global_step, row)
                     result.history.append({"step": global_step, **row})
@@ -387,7 +424,8 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
             pending, pairs_in_update, t_update = [], 0, time.perf_counter()
             if global_step % cfg.checkpointing_steps == 0:
                 save_checkpoint(accelerator, cfg.output_dir, global_step,
-                                {**resume_must_match, "seed": cfg.seed, "corrupt_images": corrupt_total},
+                                {**resume_must_match, "seed": cfg.seed, "corrupt_images": len(corrupt_rows),
+                                 "corrupt_rows": sorted(corrupt_rows)},
                                 total_limit=cfg.checkpoints_total_limit)
             if cfg.validation_steps and global_step % cfg.validation_steps == 0:
                 evaluate(global_step)
@@ -400,14 +438,43 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
     accelerator.wait_for_everyone()
     if not (cfg.validation_steps and global_step % cfg.validation_steps == 0):
         evaluate(global_step)
+    result.global_step = global_step
+    if corrupt_rows:
+        result.data_skipped["corrupt_image"] = len(corrupt_rows)
     if accelerator.is_main_process:
         _save_final(accelerator.unwrap_model(denoiser), model, cfg)
         logger.close()
+        curves = None
         if "png" in cfg.report_to.split(","):
-            plot_curves(log_dir, os.path.join(cfg.output_dir, "curves.png"))
+            curves = plot_curves(log_dir, os.path.join(cfg.output_dir, "curves.png"))
+        say(_summary(cfg, result, curves, time.perf_counter() - t_start))
     accelerator.end_training()
-    result.global_step = global_step
     return result
+
+
+def _summary(cfg: TrainConfig, result: TrainResult, curves: str | None, seconds: float) -> str:
+    """The closing lines: the first and last evaluation, and where everything was written."""
+    out = cfg.output_dir
+    lines = [f"fastpref-train: done, {result.global_step} steps in {seconds / 60:.1f} min → {out}"]
+    evals = result.eval_history
+    if evals:
+        first, last = evals[0], evals[-1]
+        for key, name in (("heldout_accuracy", "held-out implicit accuracy"), ("reward", "mean sample reward")):
+            if last.get(key) is not None:
+                start = f"{first[key]:+.3f} (step {first['step']}) → " if first is not last and first.get(key) is not None else ""
+                sem = f" ± {last['reward_sem']:.3f}" if key == "reward" else ""
+                lines.append(f"  {name}: {start}{last[key]:+.3f}{sem} (step {last['step']})")
+    skipped = ", ".join(f"{v} {k}" for k, v in result.data_skipped.items())
+    if skipped:
+        lines.append(f"  data skipped: {skipped}")
+    weights = "pytorch_lora_weights.safetensors" if cfg.is_lora else "unet/ or transformer/"
+    lines.append(f"  weights: {os.path.join(out, weights)}")
+    lines.append(f"  samples: {os.path.join(out, 'samples')}/step-*.png (one column per prompt, one row per seed)")
+    lines.append(f"  logs: {os.path.join(out, 'logs')}/train.csv, eval.csv" + ("" if "tensorboard" not in cfg.report_to
+                 else f", tensorboard --logdir {os.path.join(out, 'logs', 'tensorboard')}"))
+    if curves:
+        lines.append(f"  curves: {curves}")
+    return "\n".join(lines)
 
 
 def _save_final(denoiser, model: DiffusionModel, cfg: TrainConfig) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import os
 
-__all__ = ["MetricsLogger", "read_csv", "plot_curves"]
+__all__ = ["MetricsLogger", "read_csv", "ema", "plot_curves"]
 
 
 def read_csv(path: str) -> list[dict]:
@@ -82,8 +82,20 @@ def _fmt(v):
     return "" if v is None else (f"{v:.9g}" if isinstance(v, float) else v)
 
 
+def ema(values: list[float], span: float) -> list[float]:
+    """Exponential moving average with bias correction (as TensorBoard's smoothing): the first points
+    are averages of what came so far, not pulled towards 0. ``span`` ≈ the number of points averaged."""
+    decay = 1.0 - 2.0 / (span + 1.0)
+    out, acc, weight = [], 0.0, 0.0
+    for v in values:
+        acc, weight = decay * acc + (1.0 - decay) * v, decay * weight + (1.0 - decay)
+        out.append(acc / weight)
+    return out
+
+
 def plot_curves(log_dir: str, out_path: str) -> str | None:
-    """Loss, implicit accuracy and margin per step, held-out accuracy and reward per evaluation."""
+    """Loss, implicit accuracy and margin per step (raw values faint, an EMA over ~1/10 of the run on
+    top), held-out accuracy and sample reward (± its standard error) per evaluation."""
     train, evals = read_csv(os.path.join(log_dir, "train.csv")), read_csv(os.path.join(log_dir, "eval.csv"))
     if not train:
         return None
@@ -95,12 +107,21 @@ def plot_curves(log_dir: str, out_path: str) -> str | None:
     panels = [(k, train) for k in ("loss", "implicit_accuracy", "u") if k in train[0]]
     panels += [(k, evals) for k in ("heldout_accuracy", "reward") if evals and evals[-1].get(k) is not None]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.8), squeeze=False)
+    span = max(5.0, len(train) / 10)
     for ax, (key, rows) in zip(axes[0], panels):
         pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if rows is evals else None, ms=3)
+        x, y = [p[0] for p in pts], [p[1] for p in pts]
+        if rows is evals:
+            err = [r.get(f"{key}_sem") or 0.0 for r in rows if r.get(key) is not None]
+            ax.errorbar(x, y, yerr=err if any(err) else None, marker="o", ms=3, capsize=2, color="C1")
+        else:
+            ax.plot(x, y, color="C0", alpha=0.25, lw=0.8, label="per step")
+            ax.plot(x, ema(y, span), color="C0", lw=1.8, label=f"EMA (span {span:.0f})")
         ax.set_title(("eval " if rows is evals else "") + key, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
+    if panels and panels[0][1] is train:
+        axes[0][0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
