@@ -209,7 +209,8 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
                                  train_pairs=len(train_idx), eval_pairs=len(eval_idx), skipped=dict(dataset.skipped)))
 
     t_start = time.perf_counter()
-    preflight(cfg, dataset, cfg.validation_prompts, accelerator.print)  # unwritable output, unscorable prompts
+    preflight(cfg, dataset, cfg.validation_prompts, accelerator.print,  # unwritable output, unscorable prompts
+              writes=accelerator.is_main_process)
 
     # ---- model -----------------------------------------------------------------------------------
     if model is None:

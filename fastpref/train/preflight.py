@@ -33,9 +33,11 @@ def check_validation_prompts(prompts: list[str], dataset) -> None:
                          + (f", e.g. {example!r})" if example else ")"))
 
 
-def preflight(cfg, dataset, prompts: list[str], log=print) -> None:
-    """All checks of a run that need no model; ``log`` receives the data problems worth reading."""
-    check_output_dir(cfg.output_dir)
+def preflight(cfg, dataset, prompts: list[str], log=print, *, writes: bool = True) -> None:
+    """All checks of a run that need no model; ``log`` receives the data problems worth reading.
+    ``writes``: this process writes the outputs (process 0 of a job), so it checks ``--output_dir``."""
+    if writes:
+        check_output_dir(cfg.output_dir)
     check_validation_prompts(prompts, dataset)
     if getattr(dataset, "problems", None):
         log(f"data: skipped {describe_skips(dataset)}")

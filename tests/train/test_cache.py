@@ -23,7 +23,7 @@ from fastpref.train.cache import (
     precompute,
     reference_fingerprint,
 )
-from fastpref.train.data import SyntheticPreferences, collate_pairs
+from fastpref.train.data import CorruptPair, SyntheticPreferences, collate_pairs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -36,10 +36,10 @@ def _rows(path) -> list[dict]:
 
 
 class SomeUnreadable(SyntheticPreferences):
-    """Row 2's images cannot be read (the dataset gives None, as for a corrupt JPEG)."""
+    """Row 2's images cannot be read (the dataset gives a CorruptPair, as for a corrupt JPEG)."""
 
     def __getitem__(self, i):
-        return None if i == 2 else super().__getitem__(i)
+        return CorruptPair(i, f"row {i}") if i == 2 else super().__getitem__(i)
 
 
 def test_latent_cache_holds_what_the_step_encodes(tmp_path, tiny):
@@ -48,11 +48,11 @@ def test_latent_cache_holds_what_the_step_encodes(tmp_path, tiny):
     precompute(model, data, range(6), seed=SEED, device="cpu", latents_path=tmp_path / "l.safetensors",
                         batch_size=4, progress=False)
     cache = LatentCache.load(tmp_path / "l.safetensors", latents_fingerprint(model, data, range(6), SEED))
-    assert len(cache) == 6 and cache[2] is None
+    assert len(cache) == 6 and isinstance(cache[2], CorruptPair) and cache[2].index == 2
     rows = [5, 0, 3]  # another batch composition than the precompute's
     want_latents, want_cond = encode(model, collate_pairs([data[i] for i in rows]), SEED, "cpu")
     batch = collate_cached([cache[i] for i in [5, 2, 0, 3]])
-    assert batch["corrupt"] == 1 and batch["index"].tolist() == rows
+    assert list(batch["corrupt"]) == [2] and batch["index"].tolist() == rows
     latents, cond = encode(model, batch, SEED, "cpu")
     torch.testing.assert_close(latents, want_latents)
     assert cond.keys() == want_cond.keys()
@@ -66,7 +66,7 @@ def test_latent_cache_holds_what_the_step_encodes(tmp_path, tiny):
     with pytest.raises(ValueError, match=r"rows \[7\] are not in the latent cache"):
         cache[7]
     again = pickle.loads(pickle.dumps(cache))  # what DataLoader workers started by spawn receive
-    assert torch.equal(again[5]["latents"], cache[5]["latents"]) and again[2] is None
+    assert torch.equal(again[5]["latents"], cache[5]["latents"]) and isinstance(again[2], CorruptPair)
 
 
 def test_cache_latents_runs_no_vae_or_text_encoder_and_changes_no_number(tmp_path, tiny, run_config, monkeypatch):

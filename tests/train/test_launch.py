@@ -51,9 +51,11 @@ def test_two_processes_are_one_job(tmp_path, launcher):
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
 
-    # the start line: once (process 0 prints), with the process count
-    starts = [line for line in proc.stdout.splitlines() if line.startswith("fastpref-train: ")]
+    # the start line and the closing summary: once each (process 0 prints), the start with the process count
+    starts = [line for line in proc.stdout.splitlines()
+              if line.startswith("fastpref-train: ") and not line.startswith("fastpref-train: done")]
     assert len(starts) == 1, log[-4000:]
+    assert sum(line.startswith("fastpref-train: done") for line in proc.stdout.splitlines()) == 1, log[-4000:]
     assert re.match(r"fastpref-train: 2 processes \(MULTI_CPU, gloo\) on cpu", starts[0]), starts[0]
 
     ranks = [json.loads((record / f"rank-{r}.json").read_text()) for r in (0, 1)]
