@@ -11,9 +11,10 @@ import os
 import pytest
 import torch
 
-from fastpref.train import TrainConfig, train
+from fastpref.train import train
 from fastpref.train.data import CorruptPair, FolderPairs, SyntheticPreferences, build_dataset, collate_pairs
 from fastpref.train.models import build_tiny_model
+from _runs import run_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -43,12 +44,6 @@ def _pair(label=1, caption="a red disc", image_0="img/red.jpg", image_1="img/blu
     return {"image_0": image_0, "image_1": image_1, "label_0": label, "caption": caption}
 
 
-def _config(tmp_path, **kw) -> TrainConfig:
-    base = dict(output_dir=str(tmp_path / "run"), max_train_steps=2, train_batch_size=2, synthetic_size=24,
-                eval_pairs=2, num_inference_steps=2, checkpointing_steps=1000, report_to="csv", learning_rate=1e-3,
-                validation_prompts=["a red disc"])
-    base.update(kw)
-    return TrainConfig(**base)
 
 
 def _no_model_load(monkeypatch):
@@ -124,7 +119,7 @@ def test_corrupt_rows_are_counted_once_across_epochs_and_in_the_held_out_part(tm
     records[7] = _pair(image_0="img/bad.jpg")  # held out (the last eval_pairs rows)
     root = _folder(tmp_path, records)
     # 6 training rows, batch 2 → 3 batches an epoch; 7 steps read every training row 2-3 times
-    cfg = _config(tmp_path, dataset=root, eval_pairs=2, max_train_steps=7, validation_steps=3)
+    cfg = run_config(tmp_path, dataset=root, eval_pairs=2, max_train_steps=7, validation_steps=3)
     result = train(cfg, model=build_tiny_model(sample_size=8))
     assert result.data_skipped == {"corrupt_image": 2}
     with open(os.path.join(cfg.output_dir, "logs", "train.csv"), newline="") as fh:
@@ -147,15 +142,15 @@ def test_an_unwritable_output_dir_is_refused_before_the_model_loads(tmp_path, mo
     blocker = tmp_path / "a_file"
     blocker.write_text("")  # a folder cannot be made under a file (this holds for root too)
     with pytest.raises(ValueError, match=r"--output_dir '.*a_file/run' is not writable"):
-        train(_config(tmp_path, output_dir=str(blocker / "run")))
+        train(run_config(tmp_path, output_dir=str(blocker / "run")))
 
 
 def test_a_validation_prompt_the_reward_cannot_score_is_refused_before_the_model_loads(tmp_path, monkeypatch):
     _no_model_load(monkeypatch)
     with pytest.raises(ValueError, match=r"--validation_prompts: .* cannot score \['a_red_disc'\]"):
-        train(_config(tmp_path, validation_prompts=["a red disc", "a_red_disc"]))
+        train(run_config(tmp_path, validation_prompts=["a red disc", "a_red_disc"]))
     with pytest.raises(ValueError, match=r"cannot score \['a red or blue disc'\]"):  # two colours: ambiguous
-        train(_config(tmp_path, validation_prompts=["a red or blue disc"]))
+        train(run_config(tmp_path, validation_prompts=["a red or blue disc"]))
 
 
 def test_the_cli_reports_the_unscorable_prompt_without_traceback(tmp_path, capsys):

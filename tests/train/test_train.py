@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from fastpref.reference import pair_loss_ref
-from fastpref.train import TrainConfig, parse_args, train
+from fastpref.train import parse_args, train
 from fastpref.train.data import SyntheticPreferences
 from fastpref.train.models import TINY_MODELS, build_tiny_model, load_model, save_model
 from fastpref.train.objectives import OBJECTIVES
+from _runs import run_config
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -27,12 +28,6 @@ def tiny(name: str = "fastpref:tiny-unet"):
     return build_tiny_model(name, sample_size=8)
 
 
-def config(tmp_path, **kw) -> TrainConfig:
-    base = dict(output_dir=str(tmp_path / "run"), max_train_steps=2, train_batch_size=2, synthetic_size=24,
-                eval_pairs=2, num_inference_steps=2, checkpointing_steps=1000, report_to="csv", learning_rate=1e-3,
-                validation_prompts=["a red disc"])
-    base.update(kw)
-    return TrainConfig(**base)
 
 
 def read_rows(path) -> list[dict]:
@@ -58,7 +53,7 @@ def test_a_few_steps_train_the_policy_only(tmp_path, model_name, loss, rank):
     model = tiny(model_name)
     base_before = {k: v.clone() for k, v in model.denoiser.state_dict().items()}
     # a full fine-tune at the LoRA rate (1e-3) saturates the margin in one step (loss 0, no gradient)
-    cfg = config(tmp_path, loss=loss, lora_rank=rank, **({} if rank else {"learning_rate": 1e-5}))
+    cfg = run_config(tmp_path, loss=loss, lora_rank=rank, **({} if rank else {"learning_rate": 1e-5}))
     seen = {}
 
     def on_step(step, out):
@@ -96,7 +91,7 @@ def test_logged_loss_equals_reference_loss(tmp_path, model_name, loss):
     def on_step(step, out):
         captured[step] = out
 
-    cfg = config(tmp_path, loss=loss, lora_rank=4, max_train_steps=3, beta=500.0)
+    cfg = run_config(tmp_path, loss=loss, lora_rank=4, max_train_steps=3, beta=500.0)
     train(cfg, model=tiny(model_name), on_step=on_step)
     rows = read_rows(os.path.join(cfg.output_dir, "logs", "train.csv"))
     for r in rows:
@@ -151,7 +146,7 @@ def test_bad_flags_are_refused(argv, match):
 
 def test_reference_mode_must_fit_the_loss(tmp_path):
     with pytest.raises(ValueError, match="needs a reference model"):
-        train(config(tmp_path, loss="dpo", reference_mode="none"), model=tiny())
+        train(run_config(tmp_path, loss="dpo", reference_mode="none"), model=tiny())
 
 
 def test_toml_config_and_flag_precedence(tmp_path):
@@ -185,7 +180,7 @@ def test_cli_reports_errors_without_traceback(capsys):
 
 def test_too_little_data_is_refused(tmp_path):
     with pytest.raises(ValueError, match="fewer than one batch"):
-        train(config(tmp_path, synthetic_size=4, train_batch_size=4), model=tiny())
+        train(run_config(tmp_path, synthetic_size=4, train_batch_size=4), model=tiny())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,7 +199,7 @@ def test_local_diffusers_folder_round_trip(tmp_path, model_name):
     with torch.no_grad():
         c1, c2 = model.encode_prompts(["a red disc"] * 2, "cpu"), loaded.encode_prompts(["a red disc"] * 2, "cpu")
         torch.testing.assert_close(model.predict(model.denoiser, x, t, c1), loaded.predict(loaded.denoiser, x, t, c2))
-    cfg = config(tmp_path, pretrained_model_name_or_path=str(tmp_path / "pipe"), max_train_steps=1)
+    cfg = run_config(tmp_path, pretrained_model_name_or_path=str(tmp_path / "pipe"), max_train_steps=1)
     assert train(cfg).global_step == 1
 
 
@@ -214,7 +209,7 @@ def test_local_diffusers_folder_round_trip(tmp_path, model_name):
 
 
 def test_evaluation_writes_grid_curves_and_tensorboard(tmp_path):
-    cfg = config(tmp_path, max_train_steps=2, validation_steps=1, report_to="csv,tensorboard,png",
+    cfg = run_config(tmp_path, max_train_steps=2, validation_steps=1, report_to="csv,tensorboard,png",
                  validation_prompts=["a red disc", "a blue disc"])
     result = train(cfg, model=tiny())
     assert [e["step"] for e in result.eval_history] == [0, 1, 2]
@@ -285,7 +280,7 @@ def test_pickapic_parquet_drops_ties_and_counts_bad_rows(tmp_path):
     batch = collate_pairs([ds[0], ds[2], ds[3]])
     assert list(batch["corrupt"]) == [2] and batch["pixel_values"].shape[0] == 2
     # it trains, and the corrupt image is counted in the log
-    cfg = config(tmp_path, dataset=str(tmp_path / "train-0.parquet"), max_train_steps=4, max_train_pairs=4,
+    cfg = run_config(tmp_path, dataset=str(tmp_path / "train-0.parquet"), max_train_steps=4, max_train_pairs=4,
                  eval_pairs=0, train_batch_size=2)
     result = train(cfg, model=tiny())
     assert result.global_step == 4 and result.data_skipped == {"tie": 1, "missing_caption": 2, "corrupt_image": 1}
@@ -316,7 +311,7 @@ def test_folder_layout_and_empty_dataset(tmp_path):
 
 
 def test_supervised_warmup_becomes_the_reference_and_is_reused(tmp_path):
-    cfg = config(tmp_path, sft_steps=3, sft_learning_rate=1e-2, loss="dpo", lora_rank=0, max_train_steps=1)
+    cfg = run_config(tmp_path, sft_steps=3, sft_learning_rate=1e-2, loss="dpo", lora_rank=0, max_train_steps=1)
     model = tiny()
     start = {k: v.clone() for k, v in model.denoiser.state_dict().items()}
     first = []
@@ -329,14 +324,14 @@ def test_supervised_warmup_becomes_the_reference_and_is_reused(tmp_path):
     # a second run with the same settings reuses the saved warm-up instead of repeating it
     os.utime(os.path.join(folder, "fastpref_sft.json"))
     mtime = os.path.getmtime(os.path.join(folder, "model_index.json"))
-    train(config(tmp_path, sft_steps=3, sft_learning_rate=1e-2, loss="dpo", lora_rank=0, max_train_steps=1,
+    train(run_config(tmp_path, sft_steps=3, sft_learning_rate=1e-2, loss="dpo", lora_rank=0, max_train_steps=1,
                  resume_from_checkpoint="latest"), model=tiny())
     assert os.path.getmtime(os.path.join(folder, "model_index.json")) == mtime
 
 
 def test_bf16_mixed_precision_lora_step(tmp_path):
     captured = []
-    cfg = config(tmp_path, mixed_precision="bf16", lora_rank=4, loss="dmpo", max_train_steps=2)
+    cfg = run_config(tmp_path, mixed_precision="bf16", lora_rank=4, loss="dmpo", max_train_steps=2)
     model = tiny()
     train(cfg, model=model, on_step=lambda step, out: captured.append(out))
     pred = captured[0].model_pred  # accelerate hands the output back in fp32; its values are bf16's
