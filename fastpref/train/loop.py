@@ -32,7 +32,7 @@ from fastpref.train.config import TrainConfig
 from fastpref.train.data import EpochSampler, build_dataset, collate_pairs
 from fastpref.train.launch import build_accelerator, start_line
 from fastpref.train.metrics import MetricsLogger, plot_curves
-from fastpref.train.models import LORA_TARGET_MODULES, DiffusionModel, load_model, save_model
+from fastpref.train.models import DiffusionModel, load_model, save_model
 from fastpref.train.noise import noise_pairs
 from fastpref.train.objectives import get_objective
 from fastpref.train.reference import make_reference, resolve_reference_mode
@@ -134,7 +134,7 @@ def supervised_warmup(model: DiffusionModel, dataset, indices: list[int], cfg: T
         with open(marker_path) as fh:
             if json.load(fh) == marker:
                 accelerator.print(f"supervised warm-up: reusing {folder}")
-                return load_model(folder, weighting_scheme=model.weighting_scheme)
+                return load_model(folder, **model.options())
     accelerator.print(f"supervised warm-up: {cfg.sft_steps} steps of the plain diffusion loss on both images of "
                       f"each pair, saved to {folder} (a later run with the same settings reuses it)")
     device = accelerator.device
@@ -215,7 +215,7 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
     # ---- model -----------------------------------------------------------------------------------
     if model is None:
         model = load_model(cfg.pretrained_model_name_or_path, revision=cfg.revision,
-                           weighting_scheme=cfg.weighting_scheme)
+                           **cfg.model_options())
     resolution = cfg.resolution or model.resolution
     if resolution % model.vae_scale_factor:
         raise ValueError(f"--resolution {resolution} must be a multiple of the VAE's factor {model.vae_scale_factor}")
@@ -239,7 +239,7 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
         with torch.random.fork_rng(devices=[]):  # adapter init must not depend on what ran before
             torch.manual_seed(cfg.seed)
             denoiser.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank,
-                                            init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES))
+                                            init_lora_weights="gaussian", target_modules=model.lora_target_modules))
         cast_training_params(denoiser, dtype=torch.float32)  # trainable LoRA weights stay fp32
     else:
         place(denoiser.requires_grad_(True), torch.float32)  # fp32 master weights
@@ -490,9 +490,9 @@ def _save_final(denoiser, model: DiffusionModel, cfg: TrainConfig) -> None:
             from diffusers import StableDiffusionPipeline
 
             StableDiffusionPipeline.save_lora_weights(cfg.output_dir, unet_lora_layers=layers)
-        else:
-            from diffusers import StableDiffusion3Pipeline
+        else:  # StableDiffusion3Pipeline / FluxPipeline
+            from fastpref.train.pipelines import save_lora_weights
 
-            StableDiffusion3Pipeline.save_lora_weights(cfg.output_dir, transformer_lora_layers=layers)
+            save_lora_weights(model, cfg.output_dir, layers)
     else:
         denoiser.save_pretrained(os.path.join(cfg.output_dir, "unet" if model.family == "unet" else "transformer"))

@@ -1,15 +1,20 @@
 """Diffusion models for the trainer: load a diffusers pipeline's parts, encode images and prompts, predict, sample.
 
-Two families:
+Three families:
 
 * ``unet`` — ``UNet2DConditionModel`` + CLIP text encoder + DDPM scheduler (SD1.5-style), ε- or
   v-prediction (the scheduler config's ``prediction_type``);
 * ``sd3`` — ``SD3Transformer2DModel`` + CLIP (+ CLIP-2, + T5) encoders + ``FlowMatchEulerDiscreteScheduler``:
-  ``x_t = (1 − σ)·x0 + σ·ε`` and the target ``ε − x0`` (rectified flow, the SD3 recipe).
+  ``x_t = (1 − σ)·x0 + σ·ε`` and the target ``ε − x0`` (rectified flow, the SD3 recipe). SD3.5's
+  transformers (``dual_attention_layers``, ``qk_norm="rms_norm"``) are configs of the same class;
+* ``flux`` — ``FluxTransformer2DModel`` + CLIP (pooled) + T5 (sequence) encoders, the same flow matching
+  on 2×2-packed latents, with the guidance embedding of distilled checkpoints (:mod:`fastpref.train.flux`).
+
+The transformer families sample through their own diffusers pipeline (:mod:`fastpref.train.pipelines`).
 
 A VAE is optional: without one the model works on pixels — that is how
 the embedded tiny models (``fastpref:tiny-unet``, ``fastpref:tiny-unet-v``, ``fastpref:tiny-sd3``,
-built from configs with a fixed seed, nothing downloaded) stay fast on a CPU.
+``fastpref:tiny-sd35``, ``fastpref:tiny-flux``, built from configs with a fixed seed, nothing downloaded) stay fast on a CPU.
 
 Noising a batch of pairs is :mod:`fastpref.train.noise`; rows are stacked ``[w_0 … w_{B−1}, l_0 … l_{B−1}]``.
 """
@@ -29,25 +34,42 @@ from torch import nn
 
 __all__ = ["DiffusionModel", "load_model", "build_tiny_model", "save_model", "TINY_MODELS"]
 
-TINY_MODELS = ("fastpref:tiny-unet", "fastpref:tiny-unet-v", "fastpref:tiny-sd3")
+TINY_MODELS = ("fastpref:tiny-unet", "fastpref:tiny-unet-v", "fastpref:tiny-sd3", "fastpref:tiny-sd35",
+               "fastpref:tiny-flux")
 SD3_T5_TOKENS = 256  # without a T5 encoder the SD3 pipeline feeds this many zero tokens; training matches it
-LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]  # the diffusers DPO / SD3 LoRA scripts' choice
+LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]  # the diffusers DPO script's choice (UNets)
+# train_dreambooth_lora_sd3.py's list without its "attn." prefix, so that SD3.5's second attention
+# (attn2.to_q …, dual_attention_layers) is adapted too
+SD3_LORA_TARGET_MODULES = [*LORA_TARGET_MODULES, "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"]
+# the diffusers training scripts' defaults per family (--weighting_scheme unset)
+DEFAULT_WEIGHTING_SCHEME = {"sd3": "logit_normal", "flux": "none"}
 
 
 @dataclass
 class DiffusionModel:
-    family: str  # "unet" | "sd3"
+    family: str  # "unet" | "sd3" | "flux"
     denoiser: nn.Module
     scheduler: object
     tokenizers: list
     text_encoders: list
     vae: nn.Module | None = None
     weighting_scheme: str = "logit_normal"
+    # the flow-matching timestep density's parameters (diffusers' compute_density_for_timestep_sampling)
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    guidance_scale: float = 3.5  # Flux's distilled guidance embedding (train_dreambooth_lora_flux.py's default)
+    sample_size: int | None = None  # latent size when the denoiser's config has none (Flux)
+
+    def options(self) -> dict:
+        """The :func:`load_model` keywords that reproduce this model's settings."""
+        return {"weighting_scheme": self.weighting_scheme, "logit_mean": self.logit_mean, "logit_std": self.logit_std,
+                "mode_scale": self.mode_scale, "guidance_scale": self.guidance_scale}
 
     # -- shapes ------------------------------------------------------------------------------------
     @property
     def prediction_type(self) -> str:
-        if self.family == "sd3":
+        if self.family in ("sd3", "flux"):
             return "flow_matching"
         return self.scheduler.config.prediction_type
 
@@ -57,11 +79,18 @@ class DiffusionModel:
 
     @property
     def resolution(self) -> int:
-        return self.denoiser.config.sample_size * self.vae_scale_factor
+        return (self.sample_size or self.denoiser.config.sample_size) * self.vae_scale_factor
 
     @property
     def latent_channels(self) -> int:
-        return self.denoiser.config.in_channels
+        channels = self.denoiser.config.in_channels
+        return channels // 4 if self.family == "flux" else channels  # Flux's input: packed 2×2 patches
+
+    @property
+    def lora_target_modules(self) -> list[str]:
+        from fastpref.train import flux
+
+        return {"sd3": SD3_LORA_TARGET_MODULES, "flux": flux.LORA_TARGET_MODULES}.get(self.family, LORA_TARGET_MODULES)
 
     def frozen_modules(self) -> list[nn.Module]:
         return [m for m in [*self.text_encoders, self.vae] if m is not None]
@@ -77,6 +106,10 @@ class DiffusionModel:
 
         if self.family == "unet":  # SD1.5: last hidden state of the CLIP text encoder
             return {"encoder_hidden_states": self.text_encoders[0](ids(self.tokenizers[0]))[0]}
+        if self.family == "flux":
+            from fastpref.train import flux
+
+            return flux.encode_prompts(self, prompts, device)
         # SD3: penultimate hidden states of the CLIP encoders side by side, padded to the joint width,
         # then the T5 tokens (zeros without a T5, as the SD3 pipeline does); pooled = the CLIP projections.
         joint = self.denoiser.config.joint_attention_dim
@@ -120,19 +153,25 @@ class DiffusionModel:
         """One forward of ``denoiser`` (the policy, its frozen copy, or the policy with adapters off)."""
         if self.family == "sd3":
             return denoiser(hidden_states=noisy, timestep=timesteps, return_dict=False, **cond)[0]
+        if self.family == "flux":
+            from fastpref.train import flux
+
+            return flux.predict(self, denoiser, noisy, timesteps, cond)
         return denoiser(noisy, timesteps, return_dict=False, **cond)[0]
 
     # -- sampling (evaluation grids) ------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, denoiser: nn.Module, prompts: list[str], seeds: list[int], num_inference_steps: int, device) -> torch.Tensor:
         """Images in [−1, 1] for ``prompts`` from fixed ``seeds`` (no classifier-free guidance: the
-        tiny models are trained without an empty prompt). DDIM for the DDPM family, Euler for flow."""
-        from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+        tiny models are trained without an empty prompt). DDIM for the DDPM family; the transformer
+        families through their own diffusers pipeline (:func:`fastpref.train.pipelines.sample`)."""
+        if self.family in ("sd3", "flux"):
+            from fastpref.train import pipelines
 
-        if self.family == "sd3":
-            sched = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
-        else:
-            sched = DDIMScheduler.from_config(self.scheduler.config)
+            return pipelines.sample(self, denoiser, prompts, seeds, num_inference_steps, device)
+        from diffusers import DDIMScheduler
+
+        sched = DDIMScheduler.from_config(self.scheduler.config)
         sched.set_timesteps(num_inference_steps, device=device)
         size = self.denoiser.config.sample_size
         x = torch.stack([
@@ -151,12 +190,24 @@ class DiffusionModel:
 # ----------------------------------------------------------------------------------------------
 
 
-def load_model(name_or_path: str, *, revision: str | None = None, weighting_scheme: str = "logit_normal") -> DiffusionModel:
-    """A :class:`DiffusionModel` from a hub id, a local diffusers folder or an embedded tiny model."""
+def load_model(name_or_path: str, *, revision: str | None = None, weighting_scheme: str | None = None,
+               **options) -> DiffusionModel:
+    """A :class:`DiffusionModel` from a hub id, a local diffusers folder or an embedded tiny model.
+    ``weighting_scheme`` None: the family's diffusers training script default (SD3 ``logit_normal``, Flux
+    ``none``); ``options``: ``logit_mean``, ``logit_std``, ``mode_scale``, ``guidance_scale``."""
+    model = _load_model(name_or_path, revision)
+    model.weighting_scheme = weighting_scheme or DEFAULT_WEIGHTING_SCHEME.get(model.family, "logit_normal")
+    unknown = set(options) - {"logit_mean", "logit_std", "mode_scale", "guidance_scale"}
+    if unknown:
+        raise TypeError(f"load_model: unknown options {sorted(unknown)}")
+    for name, value in options.items():
+        setattr(model, name, float(value))
+    return model
+
+
+def _load_model(name_or_path: str, revision: str | None) -> DiffusionModel:
     if name_or_path in TINY_MODELS:
-        model = build_tiny_model(name_or_path)
-        model.weighting_scheme = weighting_scheme
-        return model
+        return build_tiny_model(name_or_path)
     if name_or_path.startswith("fastpref:"):
         raise ValueError(f"--pretrained_model_name_or_path: unknown embedded model {name_or_path!r}; "
                          f"choose one of {', '.join(TINY_MODELS)}")
@@ -201,11 +252,21 @@ def load_model(name_or_path: str, *, revision: str | None = None, weighting_sche
         names = [s for s in ("", "_2", "_3") if has(f"text_encoder{s}")]
         return DiffusionModel(
             "sd3", transformer, sched, [component(f"tokenizer{s}") for s in names],
-            [component(f"text_encoder{s}") for s in names], vae, weighting_scheme,
+            [component(f"text_encoder{s}") for s in names], vae,
         )
+    if has("transformer") and index["transformer"][1] == "FluxTransformer2DModel":
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+        from fastpref.train.flux import DEFAULT_SAMPLE_SIZE
+
+        transformer = FluxTransformer2DModel.from_pretrained(name_or_path, subfolder="transformer", **kw)
+        sched = FlowMatchEulerDiscreteScheduler.from_pretrained(name_or_path, subfolder="scheduler", **kw)
+        return DiffusionModel("flux", transformer, sched, [component("tokenizer"), component("tokenizer_2")],
+                              [component("text_encoder"), component("text_encoder_2")], vae,
+                              sample_size=DEFAULT_SAMPLE_SIZE)
     found = [k for k in index if not k.startswith("_")]
-    raise ValueError(f"{name_or_path!r}: expected a pipeline with a UNet2DConditionModel 'unet' or an "
-                     f"SD3Transformer2DModel 'transformer', found components {found}")
+    raise ValueError(f"{name_or_path!r}: expected a pipeline with a UNet2DConditionModel 'unet', or an "
+                     f"SD3Transformer2DModel or FluxTransformer2DModel 'transformer', found components {found}")
 
 
 def save_model(model: DiffusionModel, folder: str) -> None:
@@ -217,8 +278,8 @@ def save_model(model: DiffusionModel, folder: str) -> None:
     for i, (tok, enc) in enumerate(zip(model.tokenizers, model.text_encoders)):
         parts[f"tokenizer{suffixes[i]}"] = tok
         parts[f"text_encoder{suffixes[i]}"] = enc
-    index = {"_class_name": "StableDiffusionPipeline" if model.family == "unet" else "StableDiffusion3Pipeline",
-             "vae": [None, None]}
+    pipeline = {"unet": "StableDiffusionPipeline", "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+    index = {"_class_name": pipeline[model.family], "vae": [None, None]}
     if model.vae is not None:
         parts["vae"] = model.vae
     for name, part in parts.items():
@@ -260,7 +321,9 @@ def _tiny_tokenizer(max_length: int = 16):
 
 
 def build_tiny_model(name: str = "fastpref:tiny-unet", *, sample_size: int = 16, seed: int = 0) -> DiffusionModel:
-    """A randomly initialised pixel-space pipeline (3 channels, ``sample_size``², no VAE)."""
+    """A randomly initialised pixel-space pipeline (3 channels, ``sample_size``², no VAE).
+    ``tiny-sd35`` is ``tiny-sd3`` with SD3.5's dual attention in its first block and RMS qk-norm;
+    ``tiny-flux``: :func:`fastpref.train.flux.build_tiny_flux`."""
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -289,10 +352,18 @@ def build_tiny_model(name: str = "fastpref:tiny-unet", *, sample_size: int = 16,
             pred = "v_prediction" if name.endswith("-v") else "epsilon"
             sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=pred)
             return DiffusionModel("unet", unet, sched, [_tiny_tokenizer(max_length)], [CLIPTextModel(text_config(32))])
+        if name == "fastpref:tiny-flux":
+            from fastpref.train.flux import build_tiny_flux
+
+            tokenizers = [_tiny_tokenizer(max_length) for _ in range(2)]
+            transformer, sched, encoders = build_tiny_flux(sample_size, tokenizers[1], max_length)
+            return DiffusionModel("flux", transformer, sched, tokenizers, encoders, sample_size=sample_size,
+                                  weighting_scheme=DEFAULT_WEIGHTING_SCHEME["flux"])
+        sd35 = {"dual_attention_layers": (0,), "qk_norm": "rms_norm"} if name == "fastpref:tiny-sd35" else {}
         transformer = SD3Transformer2DModel(
             sample_size=sample_size, patch_size=2, in_channels=3, out_channels=3, num_layers=2, attention_head_dim=8,
             num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32,
-            pos_embed_max_size=sample_size,
+            pos_embed_max_size=sample_size, **sd35,
         )
         encoders = [CLIPTextModelWithProjection(text_config(16)) for _ in range(2)]
         sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
