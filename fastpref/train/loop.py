@@ -485,14 +485,14 @@ def _save_final(denoiser, model: DiffusionModel, cfg: TrainConfig) -> None:
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
         if model.family == "unet":
             from diffusers import StableDiffusionPipeline
 
+            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
             StableDiffusionPipeline.save_lora_weights(cfg.output_dir, unet_lora_layers=layers)
         else:  # StableDiffusion3Pipeline / FluxPipeline
             from fastpref.train.pipelines import save_lora_weights
 
-            save_lora_weights(model, cfg.output_dir, layers)
+            save_lora_weights(model, cfg.output_dir, denoiser)
     else:
         denoiser.save_pretrained(os.path.join(cfg.output_dir, "unet" if model.family == "unet" else "transformer"))

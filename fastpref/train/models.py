@@ -263,10 +263,13 @@ def _load_model(name_or_path: str, revision: str | None) -> DiffusionModel:
         sched = FlowMatchEulerDiscreteScheduler.from_pretrained(name_or_path, subfolder="scheduler", **kw)
         return DiffusionModel("flux", transformer, sched, [component("tokenizer"), component("tokenizer_2")],
                               [component("text_encoder"), component("text_encoder_2")], vae,
-                              sample_size=DEFAULT_SAMPLE_SIZE)
+                              sample_size=index.get(_SAMPLE_SIZE_KEY, DEFAULT_SAMPLE_SIZE))
     found = [k for k in index if not k.startswith("_")]
     raise ValueError(f"{name_or_path!r}: expected a pipeline with a UNet2DConditionModel 'unet', or an "
                      f"SD3Transformer2DModel or FluxTransformer2DModel 'transformer', found components {found}")
+
+
+_SAMPLE_SIZE_KEY = "_fastpref_sample_size"  # private ("_") model_index.json key: pipelines ignore it
 
 
 def save_model(model: DiffusionModel, folder: str) -> None:
@@ -280,6 +283,8 @@ def save_model(model: DiffusionModel, folder: str) -> None:
         parts[f"text_encoder{suffixes[i]}"] = enc
     pipeline = {"unet": "StableDiffusionPipeline", "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
     index = {"_class_name": pipeline[model.family], "vae": [None, None]}
+    if model.sample_size is not None:  # a Flux transformer's config has no size: keep a non-default one here
+        index[_SAMPLE_SIZE_KEY] = model.sample_size
     if model.vae is not None:
         parts["vae"] = model.vae
     for name, part in parts.items():

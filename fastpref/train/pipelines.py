@@ -67,6 +67,12 @@ def sample(model, transformer, prompts: list[str], seeds: list[int], num_inferen
     return model.decode_latents(latents).float()
 
 
-def save_lora_weights(model, output_dir: str, transformer_lora_layers: dict) -> None:
-    """``output_dir/pytorch_lora_weights.safetensors`` through the family pipeline's ``save_lora_weights``."""
-    pipeline_class(model.family).save_lora_weights(output_dir, transformer_lora_layers=transformer_lora_layers)
+def save_lora_weights(model, output_dir: str, transformer) -> None:
+    """``output_dir/pytorch_lora_weights.safetensors``: the peft state dict of ``transformer``'s adapters
+    through the family pipeline's ``save_lora_weights``, as diffusers' SD3 and Flux LoRA scripts write it
+    (peft's ``lora_A``/``lora_B`` names; ``convert_state_dict_to_diffusers`` — the UNet scripts' step —
+    would rename the attention projections only, and SD3's loader then skips them)."""
+    from peft.utils import get_peft_model_state_dict
+
+    pipeline_class(model.family).save_lora_weights(output_dir,
+                                                   transformer_lora_layers=get_peft_model_state_dict(transformer))
