@@ -178,6 +178,17 @@ def test_timestep_density_follows_each_familys_script_and_the_flags(tiny):
     _, b = draw_noise(model.scheduler, (1,), range(64), 0, SEED, "mode", mode_scale=0.0)
     assert not torch.equal(a, b)
 
+    # FLUX.1's scheduler (shift 3, dynamic shifting): training σ unshifted, t = 1000 − index, as the Flux
+    # script's copy of it gives; a static shift 3 (SD3's scheduler) shifts them
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    flux = load_model("fastpref:tiny-flux")
+    _, index = draw_noise(flux.scheduler, (1,), range(64), 0, SEED, "none")
+    for dynamic in (True, False):
+        flux.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=dynamic)
+        t = noise_pairs(flux, torch.zeros(2 * 64, 3, 8, 8), range(64), 0, SEED).timesteps[:64]
+        assert torch.allclose(t, 1000.0 - index.float(), rtol=0, atol=1e-3) == dynamic
+
     flux, data = tiny("fastpref:tiny-flux"), SyntheticPreferences(4, 8)
     lat = latents_fingerprint(flux, data, range(4), SEED)
     first = reference_fingerprint(flux, lat, SEED, torch.float32)
