@@ -48,7 +48,8 @@ def encode_prompts(model, prompts: list[str], device) -> dict[str, torch.Tensor]
     ``model_max_length``, at most 512)."""
     (clip_tok, t5_tok), (clip, t5) = model.tokenizers, model.text_encoders
     pooled = clip(_ids(clip_tok, prompts, clip_tok.model_max_length, device), output_hidden_states=False).pooler_output
-    states = t5(_ids(t5_tok, prompts, min(t5_tok.model_max_length, T5_MAX_TOKENS), device), output_hidden_states=False)[0]
+    t5_ids = _ids(t5_tok, prompts, min(t5_tok.model_max_length, T5_MAX_TOKENS), device)
+    states = t5(t5_ids, output_hidden_states=False)[0]
     return {"encoder_hidden_states": states, "pooled_projections": pooled}
 
 

@@ -14,7 +14,8 @@ The transformer families sample through their own diffusers pipeline (:mod:`fast
 
 A VAE is optional: without one the model works on pixels — that is how
 the embedded tiny models (``fastpref:tiny-unet``, ``fastpref:tiny-unet-v``, ``fastpref:tiny-sd3``,
-``fastpref:tiny-sd35``, ``fastpref:tiny-flux``, built from configs with a fixed seed, nothing downloaded) stay fast on a CPU.
+``fastpref:tiny-sd35``, ``fastpref:tiny-flux``, built from configs with a fixed seed, nothing downloaded)
+stay fast on a CPU.
 
 Noising a batch of pairs is :mod:`fastpref.train.noise`; rows are stacked ``[w_0 … w_{B−1}, l_0 … l_{B−1}]``.
 """
@@ -90,7 +91,8 @@ class DiffusionModel:
     def lora_target_modules(self) -> list[str]:
         from fastpref.train import flux
 
-        return {"sd3": SD3_LORA_TARGET_MODULES, "flux": flux.LORA_TARGET_MODULES}.get(self.family, LORA_TARGET_MODULES)
+        targets = {"sd3": SD3_LORA_TARGET_MODULES, "flux": flux.LORA_TARGET_MODULES}
+        return targets.get(self.family, LORA_TARGET_MODULES)
 
     def frozen_modules(self) -> list[nn.Module]:
         return [m for m in [*self.text_encoders, self.vae] if m is not None]

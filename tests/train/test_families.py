@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fastpref.train import compute_loss, train
-from fastpref.train.cache import LatentCache, collate_cached, latents_fingerprint, precompute, reference_fingerprint
+from fastpref.train.cache import collate_cached, latents_fingerprint, precompute, reference_fingerprint
 from fastpref.train.data import SyntheticPreferences, collate_pairs
 from fastpref.train.models import build_tiny_model, load_model, save_model
 from fastpref.train.noise import draw_noise, noise_pairs
