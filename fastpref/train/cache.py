@@ -112,12 +112,14 @@ def _text_fingerprint(model) -> str:
 
 def latents_fingerprint(model, dataset, rows: Sequence[int], seed: int) -> dict[str, str]:
     """What the latent cache depends on: the dataset (files, or a generated set's settings), the image
-    resolution, which rows, the VAE (config and weights, in its dtype), the tokenizers and text
+    resolution and transform (flip, crop), which rows, the VAE (config and weights, in its dtype), the tokenizers and text
     encoders, and the seed of the VAE samples."""
     return {
         "format": LATENTS_FORMAT,
         "dataset": _sha256(_dataset_source(dataset)),
         "resolution": str(dataset.resolution),
+        "image_transform": (f"random_flip={bool(getattr(dataset, 'random_flip', False))} "
+                            f"random_crop={bool(getattr(dataset, 'random_crop', False))}"),
         "rows": _sha256(list(map(int, rows))),
         "vae": module_fingerprint(model.vae) if model.vae is not None else "none (pixel space)",
         "text": _text_fingerprint(model),
@@ -198,7 +200,7 @@ def encode(model, batch: dict, seed: int, device) -> tuple[torch.Tensor, dict[st
     """The stacked latents ``(2B, C, h, w)`` (winners, then losers) and conditioning ``{name: (2B, …)}``
     of a batch: read from ``batch["latents"]``/``batch["cond"]`` (a latent-cache batch,
     :func:`collate_cached`), else the VAE (posterior sample of row i, image j drawn with
-    ``(seed, i, j)``) and the text encoders."""
+    ``(seed, i, j)``), the text encoders and the images' own conditioning (SDXL's time ids)."""
     if "latents" in batch:  # --cache_latents: no VAE, no text encoder
         pairs = batch["latents"].to(device)  # (B, 2, C, h, w)
         latents = torch.cat([pairs[:, 0], pairs[:, 1]])
@@ -206,7 +208,7 @@ def encode(model, batch: dict, seed: int, device) -> tuple[torch.Tensor, dict[st
     else:
         pixels = batch["pixel_values"].to(device)  # (B, 2, C, H, W)
         latents = model.encode_images(torch.cat([pixels[:, 0], pixels[:, 1]]), vae_generators(seed, batch["index"]))
-        cond = model.encode_prompts(batch["caption"], device)
+        cond = {**model.encode_prompts(batch["caption"], device), **model.image_conditioning(batch, device)}
     return latents, {k: torch.cat([v, v]) for k, v in cond.items()}  # a pair shares its prompt
 
 
@@ -462,7 +464,7 @@ def _precompute_for_run(args) -> None:
         raise ValueError(f"--epochs must be an integer ≥ 1, got {args.epochs}")
     model = load_model(cfg.pretrained_model_name_or_path, revision=cfg.revision, weighting_scheme=cfg.weighting_scheme)
     dataset = build_dataset(cfg.dataset, resolution=cfg.resolution or 0, synthetic_size=cfg.synthetic_size,
-                            seed=cfg.seed)
+                            seed=cfg.seed, random_flip=cfg.random_flip, random_crop=cfg.random_crop)
     dataset.resolution = cfg.resolution or model.resolution
     train_idx, eval_idx = cfg.split_rows(len(dataset))
     rows = sorted(train_idx + eval_idx)

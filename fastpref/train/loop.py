@@ -34,6 +34,7 @@ from fastpref.train.launch import build_accelerator, start_line
 from fastpref.train.metrics import MetricsLogger, plot_curves
 from fastpref.train.models import LORA_TARGET_MODULES, DiffusionModel, load_model, save_model
 from fastpref.train.noise import noise_pairs
+from fastpref.train.pipelines import UNET_FAMILIES, save_lora_weights
 from fastpref.train.objectives import get_objective
 from fastpref.train.reference import make_reference, resolve_reference_mode
 from fastpref.train.preflight import preflight
@@ -197,7 +198,7 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
     # ---- data (refused here, before any model is loaded, when unusable) ----------------------------
     if dataset is None:
         dataset = build_dataset(cfg.dataset, resolution=cfg.resolution or 0, synthetic_size=cfg.synthetic_size,
-                                seed=cfg.seed)
+                                seed=cfg.seed, random_flip=cfg.random_flip, random_crop=cfg.random_crop)
     train_idx, eval_idx = cfg.split_rows(len(dataset))  # held-out pairs: the last ones, never trained on
     n_eval = len(eval_idx)
     if len(train_idx) < cfg.train_batch_size * world:
@@ -481,18 +482,14 @@ def _summary(cfg: TrainConfig, result: TrainResult, curves: str | None, seconds:
 def _save_final(denoiser, model: DiffusionModel, cfg: TrainConfig) -> None:
     """LoRA: ``pytorch_lora_weights.safetensors`` in the diffusers format (``pipe.load_lora_weights``);
     full fine-tune: the denoiser folder (``unet/`` or ``transformer/``)."""
-    if cfg.is_lora:
+    if cfg.is_lora and model.family in UNET_FAMILIES:  # StableDiffusion(XL)Pipeline.load_lora_weights reads it
+        save_lora_weights(model, denoiser, cfg.output_dir)
+    elif cfg.is_lora:
+        from diffusers import StableDiffusion3Pipeline
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
-        if model.family == "unet":
-            from diffusers import StableDiffusionPipeline
-
-            StableDiffusionPipeline.save_lora_weights(cfg.output_dir, unet_lora_layers=layers)
-        else:
-            from diffusers import StableDiffusion3Pipeline
-
-            StableDiffusion3Pipeline.save_lora_weights(cfg.output_dir, transformer_lora_layers=layers)
+        StableDiffusion3Pipeline.save_lora_weights(cfg.output_dir, transformer_lora_layers=layers)
     else:
-        denoiser.save_pretrained(os.path.join(cfg.output_dir, "unet" if model.family == "unet" else "transformer"))
+        denoiser.save_pretrained(os.path.join(cfg.output_dir, "unet" if model.family in UNET_FAMILIES else "transformer"))

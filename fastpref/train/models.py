@@ -1,14 +1,16 @@
 """Diffusion models for the trainer: load a diffusers pipeline's parts, encode images and prompts, predict, sample.
 
-Two families:
+Three families:
 
 * ``unet`` — ``UNet2DConditionModel`` + CLIP text encoder + DDPM scheduler (SD1.5-style), ε- or
   v-prediction (the scheduler config's ``prediction_type``);
+* ``sdxl`` — the same with SDXL's two CLIP encoders and added conditioning (``addition_embed_type =
+  "text_time"``: pooled text and the per-image size/crop ``time_ids``; :mod:`fastpref.train.sdxl`);
 * ``sd3`` — ``SD3Transformer2DModel`` + CLIP (+ CLIP-2, + T5) encoders + ``FlowMatchEulerDiscreteScheduler``:
   ``x_t = (1 − σ)·x0 + σ·ε`` and the target ``ε − x0`` (rectified flow, the SD3 recipe).
 
 A VAE is optional: without one the model works on pixels — that is how
-the embedded tiny models (``fastpref:tiny-unet``, ``fastpref:tiny-unet-v``, ``fastpref:tiny-sd3``,
+the embedded tiny models (``fastpref:tiny-unet``, ``fastpref:tiny-unet-v``, ``fastpref:tiny-sdxl``, ``fastpref:tiny-sd3``,
 built from configs with a fixed seed, nothing downloaded) stay fast on a CPU.
 
 Noising a batch of pairs is :mod:`fastpref.train.noise`; rows are stacked ``[w_0 … w_{B−1}, l_0 … l_{B−1}]``.
@@ -29,14 +31,14 @@ from torch import nn
 
 __all__ = ["DiffusionModel", "load_model", "build_tiny_model", "save_model", "TINY_MODELS"]
 
-TINY_MODELS = ("fastpref:tiny-unet", "fastpref:tiny-unet-v", "fastpref:tiny-sd3")
+TINY_MODELS = ("fastpref:tiny-unet", "fastpref:tiny-unet-v", "fastpref:tiny-sdxl", "fastpref:tiny-sd3")
 SD3_T5_TOKENS = 256  # without a T5 encoder the SD3 pipeline feeds this many zero tokens; training matches it
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]  # the diffusers DPO / SD3 LoRA scripts' choice
 
 
 @dataclass
 class DiffusionModel:
-    family: str  # "unet" | "sd3"
+    family: str  # "unet" | "sdxl" | "sd3"
     denoiser: nn.Module
     scheduler: object
     tokenizers: list
@@ -77,6 +79,10 @@ class DiffusionModel:
 
         if self.family == "unet":  # SD1.5: last hidden state of the CLIP text encoder
             return {"encoder_hidden_states": self.text_encoders[0](ids(self.tokenizers[0]))[0]}
+        if self.family == "sdxl":
+            from fastpref.train.sdxl import encode_prompts
+
+            return encode_prompts(self.tokenizers, self.text_encoders, prompts, device)
         # SD3: penultimate hidden states of the CLIP encoders side by side, padded to the joint width,
         # then the T5 tokens (zeros without a T5, as the SD3 pipeline does); pooled = the CLIP projections.
         joint = self.denoiser.config.joint_attention_dim
@@ -92,6 +98,15 @@ class DiffusionModel:
         else:
             t5 = clip.new_zeros(clip.shape[0], SD3_T5_TOKENS, joint)
         return {"encoder_hidden_states": torch.cat([clip, t5], dim=-2), "pooled_projections": torch.cat(pooled, dim=-1)}
+
+    def image_conditioning(self, batch: dict, device) -> dict[str, torch.Tensor]:
+        """Conditioning that depends on the pair's images, not its prompt: SDXL's ``time_ids`` (original
+        size, crop top-left, target size); ``{}`` for the other families."""
+        if self.family != "sdxl":
+            return {}
+        from fastpref.train.sdxl import batch_time_ids
+
+        return {"time_ids": batch_time_ids(batch).to(device)}
 
     # -- latents -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -120,14 +135,24 @@ class DiffusionModel:
         """One forward of ``denoiser`` (the policy, its frozen copy, or the policy with adapters off)."""
         if self.family == "sd3":
             return denoiser(hidden_states=noisy, timestep=timesteps, return_dict=False, **cond)[0]
+        if self.family == "sdxl":
+            added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
+            return denoiser(noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"],
+                            added_cond_kwargs=added, return_dict=False)[0]
         return denoiser(noisy, timesteps, return_dict=False, **cond)[0]
 
     # -- sampling (evaluation grids) ------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, denoiser: nn.Module, prompts: list[str], seeds: list[int], num_inference_steps: int, device) -> torch.Tensor:
         """Images in [−1, 1] for ``prompts`` from fixed ``seeds`` (no classifier-free guidance: the
-        tiny models are trained without an empty prompt). DDIM for the DDPM family, Euler for flow."""
+        tiny models are trained without an empty prompt). DDIM for the DDPM families — through their own
+        diffusers pipeline (:mod:`fastpref.train.pipelines`) — Euler for flow."""
         from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+        if self.family in ("unet", "sdxl"):
+            from fastpref.train.pipelines import sample
+
+            return sample(self, denoiser, prompts, seeds, num_inference_steps, device)
 
         if self.family == "sd3":
             sched = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
@@ -188,10 +213,17 @@ def load_model(name_or_path: str, *, revision: str | None = None, weighting_sche
         from diffusers import DDPMScheduler, UNet2DConditionModel
 
         unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", **kw)
-        if unet.config.addition_embed_type not in (None, "text"):  # "text" reads encoder_hidden_states only
-            raise ValueError(f"{name_or_path!r}: UNets with added conditioning (SDXL's text_time) are not supported yet; "
-                             "use an SD1.5-style UNet or an SD3-style transformer")
         sched = DDPMScheduler.from_pretrained(name_or_path, subfolder="scheduler", **kw)
+        added = unet.config.addition_embed_type
+        if added == "text_time":  # SDXL: both CLIP encoders, pooled text + size/crop time ids
+            if not (has("text_encoder") and has("text_encoder_2")):
+                raise ValueError(f"{name_or_path!r}: an SDXL UNet needs text_encoder and text_encoder_2 (the SDXL "
+                                 "refiner, with text_encoder_2 only and aesthetic-score time ids, is not supported)")
+            return DiffusionModel("sdxl", unet, sched, [component("tokenizer"), component("tokenizer_2")],
+                                  [component("text_encoder"), component("text_encoder_2")], vae)
+        if added not in (None, "text"):  # "text" reads encoder_hidden_states only
+            raise ValueError(f"{name_or_path!r}: UNets with addition_embed_type={added!r} are not supported; use an "
+                             "SD1.5-style UNet, an SDXL UNet (text_time) or an SD3-style transformer")
         return DiffusionModel("unet", unet, sched, [component("tokenizer")], [component("text_encoder")], vae)
     if has("transformer") and index["transformer"][1] == "SD3Transformer2DModel":
         from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
@@ -212,12 +244,13 @@ def save_model(model: DiffusionModel, folder: str) -> None:
     """Write ``model`` as a diffusers folder (``model_index.json`` + one subfolder per component)."""
     os.makedirs(folder, exist_ok=True)
     parts = {"scheduler": model.scheduler}
-    parts["unet" if model.family == "unet" else "transformer"] = model.denoiser
+    parts["transformer" if model.family == "sd3" else "unet"] = model.denoiser
     suffixes = ["", "_2", "_3"]
     for i, (tok, enc) in enumerate(zip(model.tokenizers, model.text_encoders)):
         parts[f"tokenizer{suffixes[i]}"] = tok
         parts[f"text_encoder{suffixes[i]}"] = enc
-    index = {"_class_name": "StableDiffusionPipeline" if model.family == "unet" else "StableDiffusion3Pipeline",
+    pipeline = {"unet": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+    index = {"_class_name": pipeline.get(model.family, "StableDiffusion3Pipeline"),
              "vae": [None, None]}
     if model.vae is not None:
         parts["vae"] = model.vae
@@ -289,6 +322,20 @@ def build_tiny_model(name: str = "fastpref:tiny-unet", *, sample_size: int = 16,
             pred = "v_prediction" if name.endswith("-v") else "epsilon"
             sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=pred)
             return DiffusionModel("unet", unet, sched, [_tiny_tokenizer(max_length)], [CLIPTextModel(text_config(32))])
+        if name == "fastpref:tiny-sdxl":
+            # tiny-unet's layout with SDXL's conditioning: the penultimate states of two CLIP encoders side by
+            # side (16 + 16 = cross_attention_dim), and text_time: text_encoder_2's pooled projection (16) and
+            # 6 time ids × 8 Fourier features enter the time embedding (16 + 48 = 64 inputs)
+            unet = UNet2DConditionModel(
+                sample_size=sample_size, in_channels=3, out_channels=3, layers_per_block=1,
+                block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
+                norm_num_groups=16, addition_embed_type="text_time", addition_time_embed_dim=8,
+                projection_class_embeddings_input_dim=16 + 6 * 8,
+            )
+            sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
+            encoders = [CLIPTextModel(text_config(16)), CLIPTextModelWithProjection(text_config(16))]
+            return DiffusionModel("sdxl", unet, sched, [_tiny_tokenizer(max_length) for _ in range(2)], encoders)
         transformer = SD3Transformer2DModel(
             sample_size=sample_size, patch_size=2, in_channels=3, out_channels=3, num_layers=2, attention_head_dim=8,
             num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32,
