@@ -87,6 +87,9 @@ def files_fingerprint(paths: Iterable[str | os.PathLike]) -> str:
     return _sha256(entries)
 
 
+_TRANSFORM_KEYS = ("resolution", "random_flip", "random_crop")  # fingerprinted as such, not as the data
+
+
 def _dataset_source(dataset) -> Any:
     """Files for the file-backed datasets; the class and its plain settings for generated ones."""
     files = getattr(dataset, "files", None)
@@ -95,7 +98,7 @@ def _dataset_source(dataset) -> Any:
     if files is not None:
         return files_fingerprint(files)
     plain = (int, float, str, bool, type(None))
-    settings = {k: v for k, v in vars(dataset).items() if not k.startswith("_") and k != "resolution" and (
+    settings = {k: v for k, v in vars(dataset).items() if not k.startswith("_") and k not in _TRANSFORM_KEYS and (
         isinstance(v, plain) or (isinstance(v, (list, tuple)) and all(isinstance(x, plain) for x in v)))}
     return {"class": type(dataset).__qualname__, **settings}
 

@@ -65,11 +65,10 @@ def check_clip_flags(clip_model, clip_pretrained, clip_combiner, pretrained_mode
 
 
 def default_tau(model) -> float:
-    """τ of the paper for the base model: 0.5 for an SDXL-style UNet (added ``text_time`` conditioning),
-    else 0.01 (SD1.5; the paper gives no value for SD3-style transformers, and 0.01 is also the best of its
-    τ ablation)."""
-    config = getattr(model.denoiser, "config", None)
-    if model.family == "unet" and getattr(config, "addition_embed_type", None) == "text_time":
+    """τ of the paper for the base model: 0.5 for SDXL (the ``sdxl`` family: added ``text_time``
+    conditioning), else 0.01 (SD1.5; the paper gives no value for SD3-style transformers, and 0.01 is also
+    the best of its τ ablation)."""
+    if model.family == "sdxl":
         return RPO_TAU["sdxl"]
     return RPO_TAU["sd15"]
 

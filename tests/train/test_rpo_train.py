@@ -136,13 +136,9 @@ def test_compute_loss_refuses_rpo_without_embeddings(tiny, run_config, cpu_accel
 
 
 def test_tau_defaults_per_model_family(tiny):
-    from types import SimpleNamespace
-
     assert default_tau(tiny()) == RPO_TAU["sd15"] == 0.01
     assert default_tau(tiny("fastpref:tiny-sd3")) == 0.01
-    sdxl_unet = SimpleNamespace(config=SimpleNamespace(addition_embed_type="text_time"))
-    sdxl = SimpleNamespace(family="unet", denoiser=sdxl_unet)
-    assert default_tau(sdxl) == RPO_TAU["sdxl"] == 0.5
+    assert default_tau(tiny("fastpref:tiny-sdxl")) == RPO_TAU["sdxl"] == 0.5
 
 
 @pytest.mark.parametrize("argv,match", [
