@@ -148,24 +148,24 @@ def test_the_loop_refreshes_after_every_nth_optimizer_step(tmp_path, monkeypatch
     seen = []
     original = DROSampler.refresh
     monkeypatch.setattr(DROSampler, "refresh", lambda self, policy, step: (seen.append(step), original(self, policy, step)))
-    cfg = run_config(tmp_path, loss="dro", lora_rank=0, max_train_steps=4,
+    cfg = run_config(tmp_path, loss="dro", lora_rank=0, max_train_steps=4, gradient_accumulation_steps=2,
                      dro_refresh_steps=2, dro_num_inference_steps=STEPS, synthetic_size=12)
     train(cfg, model=tiny_model())
     assert seen == [2, 4]
 
 
 def _dro_config(output_dir, **kw) -> TrainConfig:
-    return run_config(output_dir, loss="dro", lora_rank=0, dro_num_inference_steps=STEPS, dro_refresh_steps=3,
-                      dro_buffer_size=3, synthetic_size=12, checkpointing_steps=2, **kw)
+    return run_config(output_dir, loss="dro", lora_rank=0, dro_num_inference_steps=STEPS, dro_refresh_steps=2,
+                      dro_buffer_size=3, synthetic_size=12, checkpointing_steps=1, **kw)
 
 
 LOGGED = ("loss", "u", "model_err_win", "model_err_lose", "ref_err_win", "ref_err_lose", "grad_norm")
 
 
 def test_runs_are_finite_deterministic_and_resume_exactly(tmp_path):
-    """Two runs give the same numbers; a run resumed from step 2 (before a refresh at 3, with older
-    trajectories in the buffer) repeats steps 3-4 of the uninterrupted run: the checkpoint holds the
-    lagged copy and the buffer."""
+    """Two runs give the same numbers; a run resumed from step 3 (the lagged copy is the policy of step 2,
+    the buffer holds trajectories of steps 2 and 3) repeats step 4 of the uninterrupted run: the
+    checkpoint holds the lagged copy and the buffer (neither can be rebuilt from the policy)."""
     first, m1 = _dro_config(tmp_path / "a", max_train_steps=4), tiny_model()
     a = train(first, model=m1)
     b = train(_dro_config(tmp_path / "b", max_train_steps=4), model=tiny_model())
@@ -176,16 +176,16 @@ def test_runs_are_finite_deterministic_and_resume_exactly(tmp_path):
     assert a.history[0]["loss"] == pytest.approx(0.001)  # policy = reference at the start: d = 0, ℓ = m
     assert any(r["loss"] != a.history[0]["loss"] for r in a.history[1:])
 
-    ckpt = os.path.join(first.output_dir, "checkpoint-2")
+    ckpt = os.path.join(first.output_dir, "checkpoint-3")
     assert {"dro_lagged.safetensors", "dro_buffer_0.safetensors"} <= set(os.listdir(ckpt))
     run = tmp_path / "resumed"
     run.mkdir()
-    shutil.copytree(ckpt, run / "run" / "checkpoint-2")
+    shutil.copytree(ckpt, run / "run" / "checkpoint-3")
     m2 = tiny_model()
     c = train(_dro_config(run, max_train_steps=4, resume_from_checkpoint="latest"), model=m2)
-    assert [r["step"] for r in c.history] == [3, 4]
+    assert [r["step"] for r in c.history] == [4]
     for key in LOGGED:
-        assert [r[key] for r in c.history] == [r[key] for r in a.history[2:]], key
+        assert [r[key] for r in c.history] == [r[key] for r in a.history[3:]], key
     for (n, p), q in zip(m1.denoiser.state_dict().items(), m2.denoiser.state_dict().values()):
         assert torch.equal(p, q), n
 
