@@ -165,6 +165,10 @@ class DROSampler:
                         ("refresh_steps", refresh_steps)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"--dro_{name} must be an integer ≥ 1, got {v!r}")
+        n_train = int(model.scheduler.config.num_train_timesteps)
+        if num_inference_steps > n_train:
+            raise ValueError(f"--dro_num_inference_steps must be at most the scheduler's {n_train} training timesteps, "
+                             f"got {num_inference_steps}")
         self.model, self.seed, self.process_index = model, seed, process_index
         self.buffer_size, self.num_inference_steps, self.refresh_steps = buffer_size, num_inference_steps, refresh_steps
         self.autocast = autocast

@@ -210,3 +210,9 @@ def test_dro_flags_from_toml_and_their_defaults(tmp_path):
     cfg = parse_args(["--config", str(toml), "--dro_num_inference_steps", "10", "--output_dir", "unused"])
     assert (cfg.dro_margin, cfg.dro_refresh_steps, cfg.dro_buffer_size, cfg.dro_num_inference_steps) == (0.0, 5, 8, 10)
     assert isinstance(cfg.dro_margin, float)
+
+
+def test_more_sampling_steps_than_training_timesteps_are_refused():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="--dro_num_inference_steps must be at most the scheduler's 1000"):
+        DROSampler(model, model.denoiser, seed=0, buffer_size=2, num_inference_steps=1001, refresh_steps=1)
