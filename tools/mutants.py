@@ -129,6 +129,15 @@ MUTANTS = [
       "--resume_from_checkpoint latest picks an incomplete checkpoint"),
     M("D1", "fastpref/train/data.py", "elif float(label_0) == 0.5:", 'elif label_0 == "0.5":',
       ("test_train.py", "-k", "ties"), "Pick-a-Pic ties (label_0 = 0.5) no longer dropped"),
+    M("DRO1", "fastpref/train/dro.py", "torch.cat([expert, online]), torch.cat([t, t]), torch.cat([expert_target, online_target])",
+      "torch.cat([online, expert]), torch.cat([t, t]), torch.cat([online_target, expert_target])",
+      ("test_dro_train.py", "-k", "online_half"), "--loss dro: expert and online halves swapped"),
+    M("DRO2", "fastpref/train/dro.py", "noise = noise.to(device, x0.dtype)", "noise = buf['states'][entries, 0].to(device, x0.dtype)",
+      ("test_dro_train.py", "-k", "online_half"), "--loss dro: the expert shares the trajectory's noise x_T"),
+    M("DRO3", "fastpref/train/dro.py", "if step % self.refresh_steps == 0:", "if True:",
+      ("test_dro_train.py", "-k", "refreshes"), "--loss dro: the lagged copy refreshed every step"),
+    M("DRO4", "fastpref/train/dro.py", "            lagged[n].copy_(v)\n", "            pass\n",
+      ("test_dro_train.py", "-k", "resume"), "--loss dro: resume does not restore the lagged copy"),
 ]  # fmt: skip
 
 

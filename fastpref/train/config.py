@@ -56,6 +56,13 @@ class TrainConfig:
     clip_pretrained: str | None = None  # an open_clip tag or a checkpoint file; None: random initialisation
     clip_combiner: str = "mean"  # mean | image | text: how image and prompt embeddings combine
     rpo_tau: float | None = None  # τ of the weights; None: the paper's per model (0.01 SD1.5, 0.5 SDXL)
+    # -- --loss dro: the online half from a lagged policy's sampling trajectories (fastpref.train.dro);
+    #    defaults of basiclab/DiffusionDRO train.py (--margin, --buffer_size, --buffer_num_inference_steps,
+    #    --buffer_update_steps 16 micro-batches = 1 update at their gradient accumulation 16)
+    dro_margin: float = 0.001  # m of relu(d + m)
+    dro_refresh_steps: int = 1  # optimizer steps between refreshes of the lagged copy from the policy
+    dro_buffer_size: int = 4  # trajectories kept (the newest); each micro-batch adds one per pair
+    dro_num_inference_steps: int = 20  # sampling steps of each trajectory (DPM-Solver++ / Euler)
     # -- VAE latents and text embeddings computed once and read by every step (diffusers' flag name)
     cache_latents: bool = False
     latent_cache_dir: str | None = None  # None: OUTPUT_DIR/cache; share one folder between runs to reuse it
@@ -144,6 +151,13 @@ class TrainConfig:
                 finite("rpo_tau", 0.0)
         if self.beta is not None:
             finite("beta", 0.0)
+        if self.loss == "dro":
+            from fastpref.train.dro import refuse_reference_mode
+
+            refuse_reference_mode(self.reference_mode)
+            finite("dro_margin", 0.0, strict=False)
+            for name in ("dro_refresh_steps", "dro_buffer_size", "dro_num_inference_steps"):
+                positive_int(name)
         need(
             isinstance(self.alpha, (int, float)) and 0.0 < self.alpha < 1.0,
             f"--alpha must lie strictly between 0 and 1 (DMPO's α; published 0.01 or 0.1), got {self.alpha!r}",

@@ -65,12 +65,14 @@ class TrainResult:
 
 
 def compute_loss(model: DiffusionModel, policy, reference, objective, batch: dict, cfg: TrainConfig,
-                 accelerator, *, clip=None, tau: float | None = None, group=None) -> StepOutput:
+                 accelerator, *, clip=None, tau: float | None = None, group=None, dro=None) -> StepOutput:
     """The loss of one micro-batch: encode (or read the latent cache) → noise the pairs (per pair and
     ``batch["epoch"]``, 0 when absent) → the policy, once on the stacked ``[w; l]`` batch, and the
     reference mode → the objective. ``--loss rpo/orrpo``: ``clip`` (a
     :class:`~fastpref.train.clip_embed.ClipEmbedder`) gives the pairs' embeddings, ``tau`` the weights'
-    temperature, ``group`` the process group the weight matrix spans (``None``: this batch only)."""
+    temperature, ``group`` the process group the weight matrix spans (``None``: this batch only).
+    ``--loss dro``: ``dro`` (a :class:`~fastpref.train.dro.DROSampler`) replaces the noised pairs by the
+    expert half and the lagged policy's online half (``None``, as in the held-out evaluation: the pairs)."""
     extra = {}
     if objective.needs_clip:
         if clip is None or tau is None:
@@ -78,7 +80,10 @@ def compute_loss(model: DiffusionModel, policy, reference, objective, batch: dic
         win_emb, lose_emb = clip(batch, accelerator.device)  # no gradient
         extra = {"win_emb": win_emb, "lose_emb": lose_emb, "tau": tau, "group": group}
     latents, cond = encode(model, batch, cfg.seed, accelerator.device)
-    noised = noise_pairs(model, latents, batch["index"], batch.get("epoch", 0), cfg.seed)
+    if dro is not None:
+        noised, cond = dro.batch(latents, cond, batch)
+    else:
+        noised = noise_pairs(model, latents, batch["index"], batch.get("epoch", 0), cfg.seed)
     with accelerator.autocast():
         model_pred, ref = reference(policy, noised, cond, batch)
     loss, stats = objective.call(model_pred, ref, noised.target, cfg, **extra)
@@ -249,6 +254,13 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
     rows = sorted(train_idx + eval_idx)  # what the caches hold
     ref_cache = ref_cache_for_run(cfg, model, dataset, rows) if mode_name == "cache" else None
     reference = make_reference(mode_name, model, dtype=weight_dtype, cache=ref_cache)
+    dro = None
+    if objective.name == "dro":  # the lagged copy of the policy and its trajectory buffer
+        from fastpref.train.dro import DROSampler
+
+        dro = DROSampler(model, denoiser, seed=cfg.seed, buffer_size=cfg.dro_buffer_size,
+                         num_inference_steps=cfg.dro_num_inference_steps, refresh_steps=cfg.dro_refresh_steps,
+                         process_index=accelerator.process_index, autocast=accelerator.autocast)
     source, collate = dataset, collate_pairs
     if cfg.cache_latents:  # the step reads latents and text embeddings: no VAE, no text encoder
         source, collate = latent_cache_for_run(cfg, model, dataset, rows, device, build=accelerator.is_main_process,
@@ -278,6 +290,10 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
     model.denoiser = accelerator.unwrap_model(denoiser)
 
     register_model_hooks(accelerator, cfg.is_lora)  # checkpoints hold the adapters or the full denoiser
+    if dro is not None:  # … and the lagged copy and the buffer
+        from fastpref.train.dro import register_dro_hooks
+
+        register_dro_hooks(accelerator, dro)
 
     updates_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
     if ref_cache is not None:  # refuse now a run the reference-error cache does not cover
@@ -392,7 +408,7 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
                     out = None
                 else:
                     out = compute_loss(model, denoiser, reference, objective, batch, cfg, accelerator, clip=clip,
-                                       tau=tau, group=group)
+                                       tau=tau, group=group, dro=dro)
                     loss = out.loss
                     pending.append(_stat_means(out))
                     pairs_in_update += out.num_pairs
@@ -409,6 +425,8 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
+            if dro is not None:
+                dro.after_optimizer_step(global_step, accelerator.unwrap_model(denoiser))
             progress.update(1)
             if global_step % cfg.logging_steps == 0 or global_step == cfg.max_train_steps:
                 means = {k: torch.stack([p[k] for p in pending]).mean() for k in (pending[0] if pending else {})}

@@ -8,7 +8,9 @@ choices are exactly the losses that can run. Reference-free losses (MaPO, ORPO) 
 ``lose_emb``, :mod:`fastpref.train.clip_embed`), τ, and the process group over which their weight matrix
 spans the global batch.
 
-Not registered: ``dro_loss`` (see :data:`UNAVAILABLE`).
+``dro`` ranks an expert half above an online half that the loop builds with
+:class:`fastpref.train.dro.DROSampler` (the lagged policy's sampling trajectories); its target is
+``(2B, *S)``: fresh-noise targets for the experts, the lagged policy's predictions for the online states.
 """
 
 from __future__ import annotations
@@ -96,6 +98,11 @@ def _kto(model_pred, ref, target, cfg):
                              **_beta(cfg))
 
 
+def _dro(model_pred, ref, target, cfg):
+    # rows [0, B): the experts (the pairs' preferred images), rows [B, 2B): the online trajectory states
+    return fastpref.dro_loss(model_pred, target=target, margin=cfg.dro_margin, return_stats=True, **ref)
+
+
 def _build() -> dict[str, Objective]:
     table = [
         ("dpo", "dpo_loss", _dpo("sigmoid"), True, "Diffusion-DPO, −log σ(u)"),
@@ -105,6 +112,7 @@ def _build() -> dict[str, Objective]:
         ("mapo", "mapo_loss", _mapo, False, "MaPO, reference-free"),
         ("orpo", "orpo_loss", _orpo, False, "ORPO, reference-free"),
         ("kto", "kto_loss", _kto, True, "Diffusion-KTO on pairs read as unpaired labels"),
+        ("dro", "dro_loss", _dro, True, "Diffusion-DRO, online negatives"),
     ]
     return {name: Objective(name, call, ref, doc) for name, fn, call, ref, doc in table if hasattr(fastpref, fn)}
 
@@ -139,12 +147,7 @@ OBJECTIVES["rpo"] = Objective("rpo", _rpo, True, "Diffusion-RPO, CLIP-weighted o
 OBJECTIVES["orrpo"] = Objective("orrpo", _orrpo, False, "Diffusion-ORRPO, reference-free, CLIP-weighted", True)
 
 #: losses of fastpref the trainer does not run yet, and why
-UNAVAILABLE = {
-    "dro": "--loss dro is not available yet: Diffusion-DRO's online half is the lagged policy's own sampling "
-    "trajectory (a copy of the policy refreshed every few steps, its states x_t with its own noise predictions "
-    "as targets), and that online sampling recipe is not implemented in the trainer; use fastpref.dro_loss in "
-    "your own loop",
-}
+UNAVAILABLE: dict[str, str] = {}
 
 
 def loss_choices_error(name) -> str:
