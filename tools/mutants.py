@@ -138,6 +138,19 @@ MUTANTS = [
       ("test_dro_train.py", "-k", "refreshes"), "--loss dro: the lagged copy refreshed every step"),
     M("DRO4", "fastpref/train/dro.py", "            lagged[n].copy_(v)\n", "            pass\n",
       ("test_dro_train.py", "-k", "resume"), "--loss dro: resume does not restore the lagged copy"),
+    M("S1", "fastpref/train/sdxl.py", "torch.cat([original, crop, target], dim=1)",
+      "torch.cat([original, target, crop], dim=1)", ("test_sdxl.py", "-k", "conditioning"),
+      "SDXL time ids in the wrong order (original, target, crop)"),
+    M("S2", "fastpref/train/sdxl.py", "crop if crop is not None else [(0, 0)] * b", "[(0, 0)] * b",
+      ("test_sdxl.py", "-k", "conditioning"), "SDXL time ids ignore the pair's crop"),
+    M("S3", "fastpref/train/transforms.py", "stacked = stacked.flip(-1)",
+      "stacked = torch.cat([stacked[:3].flip(-1), stacked[3:]])", ("test_sdxl.py", "-k", "random_flip"),
+      "--random_flip flips the winner only"),
+    M("S4", "fastpref/train/pipelines.py", "unet_lora_adapter_metadata=metadata)", "unet_lora_adapter_metadata=None)",
+      ("test_sdxl.py", "-k", "lora_file"), "LoRA file without its alpha: load_lora_weights scales it by 1"),
+    M("S5", "fastpref/train/cache.py", "{n: v[k].to(\"cpu\", copy=True) for n, v in cond.items()}",
+      "{n: v[k].to(\"cpu\", copy=True) for n, v in cond.items() if n != \"time_ids\"}",
+      ("test_sdxl.py", "-k", "latent_cache"), "--cache_latents drops SDXL's time ids"),
 ]  # fmt: skip
 
 

@@ -147,17 +147,14 @@ class DiffusionModel:
         """Images in [−1, 1] for ``prompts`` from fixed ``seeds`` (no classifier-free guidance: the
         tiny models are trained without an empty prompt). DDIM for the DDPM families — through their own
         diffusers pipeline (:mod:`fastpref.train.pipelines`) — Euler for flow."""
-        from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+        from diffusers import FlowMatchEulerDiscreteScheduler
 
         if self.family in ("unet", "sdxl"):
             from fastpref.train.pipelines import sample
 
             return sample(self, denoiser, prompts, seeds, num_inference_steps, device)
 
-        if self.family == "sd3":
-            sched = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
-        else:
-            sched = DDIMScheduler.from_config(self.scheduler.config)
+        sched = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)  # sd3
         sched.set_timesteps(num_inference_steps, device=device)
         size = self.denoiser.config.sample_size
         x = torch.stack([

@@ -51,8 +51,10 @@ def build_pipeline(model, denoiser=None, scheduler=None):
 def sample(model, denoiser, prompts: list[str], seeds: list[int], num_inference_steps: int, device) -> torch.Tensor:
     """Images ``(N, 3, H, W)`` in [−1, 1] for ``prompts`` through the family's pipeline with a DDIM scheduler
     (from the training scheduler's config): image k starts from the CPU generator seeded ``seeds[k]``, no
-    classifier-free guidance (``guidance_scale=1``: the tiny models never see an empty prompt). Without a
-    VAE the pipeline returns its latents (``output_type="latent"``), which are the pixels."""
+    classifier-free guidance (``guidance_scale=1``: the tiny models never see an empty prompt). The pipeline
+    returns its latents (``output_type="latent"``) and :meth:`~fastpref.train.models.DiffusionModel.decode_latents`
+    decodes them — the inverse of the training encode, ``shift_factor`` included (the SD/SDXL pipelines'
+    own decode ignores it) — or, without a VAE, clamps them: they are the pixels."""
     from diffusers import DDIMScheduler
 
     if len(prompts) != len(seeds):
@@ -65,10 +67,8 @@ def sample(model, denoiser, prompts: list[str], seeds: list[int], num_inference_
     kwargs = {"original_size": (pixels, pixels), "target_size": (pixels, pixels)} if model.family == "sdxl" else {}
     out = pipe(prompt=list(prompts), height=size, width=size, num_inference_steps=num_inference_steps,
                guidance_scale=1.0, generator=[torch.Generator().manual_seed(int(s)) for s in seeds],
-               output_type="latent" if model.vae is None else "pt", return_dict=False, **kwargs)[0]
-    if model.vae is None:
-        return model.decode_latents(out).float()
-    return (out.float() * 2 - 1).clamp(-1, 1)
+               output_type="latent", return_dict=False, **kwargs)[0]
+    return model.decode_latents(out).float()
 
 
 def save_lora_weights(model, denoiser, folder: str) -> None:

@@ -214,14 +214,15 @@ def test_sdxl_folder_round_trip(tmp_path, tiny, run_config, prediction_type):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["fastpref:tiny-unet", "fastpref:tiny-sdxl"])
-def test_samples_come_from_the_family_pipeline(tiny, name):
-    """The pipeline's images equal a DDIM loop over the trainer's own predict (with the time ids of an
-    uncropped image at the model's resolution for SDXL, and StableDiffusionPipeline's rewrite of a legacy
-    scheduler config for SD1.5): prompts, seeds, scheduler and conditioning all reach the pipeline."""
+@pytest.mark.parametrize("name,vae", [("fastpref:tiny-unet", False), ("fastpref:tiny-sdxl", False),
+                                      ("fastpref:tiny-sdxl", True)])
+def test_samples_come_from_the_family_pipeline(tiny, name, vae):
+    """The pipeline's images equal a DDIM loop over the trainer's own predict and VAE decode (with the time
+    ids of an uncropped image at the model's resolution for SDXL, and StableDiffusionPipeline's rewrite of
+    a legacy scheduler config for SD1.5): prompts, seeds, scheduler and conditioning reach the pipeline."""
     from diffusers import DDIMScheduler
 
-    model = tiny(name, lora=4, lora_b=0.1)  # adapters on: the policy, not the base model, is sampled
+    model = tiny(name, vae=vae, lora=4, lora_b=0.1)  # adapters on: the policy, not the base model, is sampled
     prompts, seeds = ["a red disc", "a blue disc", "a red disc"], [4, 4, 9]
     images = model.sample(model.denoiser, prompts, seeds, 3, "cpu")
 
@@ -230,12 +231,14 @@ def test_samples_come_from_the_family_pipeline(tiny, name):
     sched.set_timesteps(3)
     x = torch.stack([torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(s)) for s in seeds])
     cond = model.encode_prompts(prompts, "cpu")
+    r = model.resolution  # 16 with the tiny VAE (8 × 8 latents), else 8
     if model.family == "sdxl":
-        cond["time_ids"] = time_ids([(8, 8)] * 3, [(0, 0)] * 3, (8, 8))
+        cond["time_ids"] = time_ids([(r, r)] * 3, [(0, 0)] * 3, (r, r))
     with torch.no_grad():
         for t in sched.timesteps:
             x = sched.step(model.predict(model.denoiser, x, t.expand(3), cond), t, x).prev_sample
-    torch.testing.assert_close(images, x.clamp(-1, 1))
+    assert images.shape == (3, 3, r, r)
+    torch.testing.assert_close(images, model.decode_latents(x))
     assert not torch.equal(images[0], images[1]) and not torch.equal(images[0], images[2])
 
 
