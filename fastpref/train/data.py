@@ -313,16 +313,30 @@ def describe_skips(dataset, limit: int = 2) -> str:
 
 
 def build_dataset(spec: str, *, resolution: int, synthetic_size: int = 512, seed: int = 0) -> Dataset:
-    """``"synthetic"``, a parquet file or a folder of parquet files, or a folder with ``metadata.jsonl``."""
+    """``"synthetic"``, a parquet file or a folder of parquet files, or a folder with ``metadata.jsonl``;
+    or unpaired labelled images for ``--loss kto`` (:mod:`fastpref.train.unpaired`)."""
+    from fastpref.train import unpaired
+
     if spec == "synthetic":
         ds = SyntheticPreferences(synthetic_size, resolution, seed)
+    elif unpaired.is_unpaired_folder(spec):
+        ds = unpaired.UnpairedFolder(spec, resolution)
+    elif unpaired.is_unpaired_parquet(spec):
+        ds = unpaired.UnpairedParquet(spec, resolution)
     elif os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "metadata.jsonl")):
         ds = FolderPairs(spec, resolution)
     elif (os.path.isfile(spec) and spec.endswith(".parquet")) or os.path.isdir(spec):
         ds = PickAPicParquet(spec, resolution)
     else:
         raise ValueError(f"--dataset {spec!r}: expected 'synthetic', a Pick-a-Pic .parquet file, a folder of them, "
-                         "or a folder with metadata.jsonl (image_0, image_1, label_0, caption per line)")
+                         "or a folder with metadata.jsonl (image_0, image_1, label_0, caption per line); for --loss kto "
+                         "also unpaired labelled images (a folder with metadata.jsonl/metadata.csv of file_name, "
+                         "caption, label; desirable/ and undesirable/ subfolders; or parquet with image, caption, "
+                         "label)")
+    if len(ds) == 0 and getattr(ds, "unpaired", False):
+        raise ValueError(f"--dataset {spec!r} has no usable labelled image ({describe_skips(ds)}); rows without a "
+                         "caption, without a label or with a label that is not 1/0, true/false, desirable/undesirable "
+                         "or exclusive_win/exclusive_lose are dropped")
     if len(ds) == 0:
         raise ValueError(f"--dataset {spec!r} has no usable preference pair ({describe_skips(ds)}); ties "
                          "(label_0 = 0.5), rows without a caption and labels that are not numbers in [0, 1] "
@@ -332,17 +346,21 @@ def build_dataset(spec: str, *, resolution: int, synthetic_size: int = 512, seed
 
 def collate_pairs(items: list) -> dict:
     """Stack items; :class:`CorruptPair` items are dropped and handed on in ``batch["corrupt"]``
-    (``{index: where}``), so that the trainer counts each unreadable row once across epochs."""
+    (``{index: where}``), so that the trainer counts each unreadable row once across epochs. Unpaired
+    items (one image and a ``label`` each) also give ``batch["labels"]``."""
     good = [it for it in items if not isinstance(it, CorruptPair)]
     corrupt = {it.index: it.where for it in items if isinstance(it, CorruptPair)}
     if not good:
         return {"pixel_values": None, "caption": [], "index": torch.empty(0, dtype=torch.long), "corrupt": corrupt}
-    return {
+    batch = {
         "pixel_values": torch.stack([it["pixel_values"] for it in good]),
         "caption": [it["caption"] for it in good],
         "index": torch.tensor([it["index"] for it in good]),
         "corrupt": corrupt,
     }
+    if "label" in good[0]:
+        batch["labels"] = torch.tensor([it["label"] for it in good], dtype=torch.long)
+    return batch
 
 
 class EpochSampler(Sampler):
