@@ -266,12 +266,14 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
     group = torch.distributed.group.WORLD if world > 1 else None  # what KTO's z and RPO's matrix span
     clip, tau = None, None
     if objective.needs_clip:  # --loss rpo/orrpo: CLIP embeddings of the pairs; the matrix over all processes
-        from fastpref.train.clip_embed import build_clip_embedder, default_tau
+        from fastpref.train.clip_embed import build_clip_embedder, clip_cache_for_run, default_tau
 
-        clip = build_clip_embedder(cfg, device)
         tau = cfg.rpo_tau if cfg.rpo_tau is not None else default_tau(model)
-        if cfg.cache_latents:  # the cached batches hold no pixels: every row's embeddings once, now
-            clip.fill(dataset, rows)
+        if cfg.cache_latents:  # the cached batches hold no pixels: every row's embeddings once, on disk
+            clip = clip_cache_for_run(cfg, source, dataset, rows, device, build=accelerator.is_main_process,
+                                      wait=accelerator.wait_for_everyone)
+        else:
+            clip = build_clip_embedder(cfg, device)
 
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
