@@ -332,10 +332,12 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
 
     def evaluate(step: int) -> None:
         """Held-out implicit accuracy at fixed noise; a sample grid from fixed prompts and seeds (one
-        column per prompt, one row per seed); the dataset's reward of those samples, when it has one."""
-        if not accelerator.is_main_process:
-            return
-        policy = accelerator.unwrap_model(denoiser)
+        column per prompt, one row per seed); the dataset's reward of those samples, when it has one.
+
+        Every process runs the same forwards, through the prepared (wrapped) denoiser: under FSDP each
+        forward gathers the sharded weights, which every rank must join (process 0 alone would wait
+        forever); under DDP the wrapper's forward may broadcast buffers. Process 0 alone writes."""
+        policy = denoiser
         correct = []
         with torch.no_grad():
             for start in range(0, len(eval_idx), cfg.train_batch_size):
@@ -360,6 +362,8 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
             with accelerator.autocast():
                 seeds = [cfg.validation_seed + k for k in range(EVAL_SEEDS) for _ in prompts]
                 images = model.sample(policy, prompts * EVAL_SEEDS, seeds, cfg.num_inference_steps, device)
+        if not accelerator.is_main_process:
+            return
         scored = torch.cat(correct) if correct else torch.empty(0)
         row = {"heldout_accuracy": implicit_accuracy(scored).item() if correct else None,
                "heldout_pairs": int(scored.numel())}

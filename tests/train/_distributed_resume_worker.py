@@ -4,8 +4,9 @@
 
 Three ``train()`` calls in one job: ``straight`` (:data:`STEPS` steps, a checkpoint after each), then
 ``resumed``: :data:`STOP` steps, stopped, and trained on to :data:`STEPS` from its latest checkpoint.
-Per run and process, ``RECORD_DIR/<run>-rank<r>.json`` holds this process's own loss per step and every
-file it wrote, renamed or removed under the run's output folder; ``<run>-rank<r>.pt`` its final weights.
+Per run and process, ``RECORD_DIR/<run>-rank<r>.json`` holds this process's own loss per step, how many
+forwards its denoiser ran, and every file it wrote, renamed or removed under the run's output folder;
+``<run>-rank<r>.pt`` its final weights.
 """
 
 from __future__ import annotations
@@ -72,13 +73,15 @@ def run(record_dir: str, name: str, out: str, steps: int, resume: bool) -> None:
     output_dir, written[:] = out, []
     losses: dict[int, float] = {}
     model = build_tiny_model(sample_size=8)
+    forwards = []  # training and evaluation: under FSDP every rank must run each forward
+    model.denoiser.register_forward_pre_hook(lambda module, args: forwards.append(1))
     cfg = config(out, steps, resume)
     train(cfg, model=model, dataset=SyntheticPreferences(size=cfg.synthetic_size, resolution=8, seed=cfg.seed),
           on_step=lambda step, result: losses.__setitem__(step, result.loss.item()))
     output_dir = ""
     save(os.path.join(record_dir, f"{name}-rank{rank}.pt"), model)
     with open(os.path.join(record_dir, f"{name}-rank{rank}.json"), "w") as fh:
-        json.dump({"losses": losses, "written": sorted(set(written))}, fh)
+        json.dump({"losses": losses, "forwards": len(forwards), "written": sorted(set(written))}, fh)
 
 
 def save(path: str, model) -> None:

@@ -1,7 +1,7 @@
 """Checkpoint and resume on 2 processes: a job stopped after step k and resumed repeats the uninterrupted
 2-process run — every logged number, each process's own loss, the final weights on both processes —
 and in every run only process 0 writes logs, samples, weights and the run's config (process 1 writes
-its RNG state into the checkpoint, nothing else).
+its RNG state into the checkpoint, nothing else), while both run the evaluation's forwards.
 
 One ``torchrun --nproc_per_node 2`` (gloo on the CPU) runs the three ``train()`` calls in one job
 (tests/train/_distributed_resume_worker.py): KTO, whose reference point z is all-reduced every step, so
@@ -79,8 +79,10 @@ def test_two_process_resume_repeats_the_uninterrupted_run_and_only_process_0_wri
     assert any("lora_B" in k and v.abs().max() > 0 for k, v in final["straight", 0].items())
     assert all(torch.equal(final["straight", 0][k], v) for k, v in initial.items() if k in final["straight", 0])
 
-    # who writes what: process 0 the logs, samples, weights, config and checkpoints; process 1 its RNG state
+    # who writes what: process 0 the logs, samples, weights, config and checkpoints; process 1 its RNG state.
+    # Who computes: both run the evaluation's forwards (a sharded model needs every rank in each forward)
     for name in ("straight", "stopped", "resumed"):
+        assert rec[name, 0]["forwards"] == rec[name, 1]["forwards"] > 0, name
         zero, one = set(rec[name, 0]["written"]), rec[name, 1]["written"]
         assert {"logs/train.csv", "run_config.json", "pytorch_lora_weights.safetensors"} <= zero, name
         assert any(p.startswith("samples/") for p in zero), name
