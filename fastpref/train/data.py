@@ -322,19 +322,33 @@ def describe_skips(dataset, limit: int = 2) -> str:
 
 def build_dataset(spec: str, *, resolution: int, synthetic_size: int = 512, seed: int = 0, random_flip: bool = False,
                   random_crop: bool = False) -> Dataset:
-    """``"synthetic"``, a parquet file or a folder of parquet files, or a folder with ``metadata.jsonl``.
+    """``"synthetic"``, a parquet file or a folder of parquet files, or a folder with ``metadata.jsonl``;
+    or unpaired labelled images for ``--loss kto`` (:mod:`fastpref.train.unpaired`).
     ``random_flip`` / ``random_crop`` (else centred): the pairs' transform, its draws seeded per
     ``(seed, pair)`` (:mod:`fastpref.train.transforms`); the synthetic set is generated at the resolution
     and only flips."""
+    from fastpref.train import unpaired
+
     if spec == "synthetic":
         ds = SyntheticPreferences(synthetic_size, resolution, seed, random_flip)
+    elif unpaired.is_unpaired_folder(spec):
+        ds = unpaired.UnpairedFolder(spec, resolution)
+    elif unpaired.is_unpaired_parquet(spec):
+        ds = unpaired.UnpairedParquet(spec, resolution)
     elif os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "metadata.jsonl")):
         ds = FolderPairs(spec, resolution)
     elif (os.path.isfile(spec) and spec.endswith(".parquet")) or os.path.isdir(spec):
         ds = PickAPicParquet(spec, resolution)
     else:
         raise ValueError(f"--dataset {spec!r}: expected 'synthetic', a Pick-a-Pic .parquet file, a folder of them, "
-                         "or a folder with metadata.jsonl (image_0, image_1, label_0, caption per line)")
+                         "or a folder with metadata.jsonl (image_0, image_1, label_0, caption per line); for --loss kto "
+                         "also unpaired labelled images (a folder with metadata.jsonl/metadata.csv of file_name, "
+                         "caption, label; desirable/ and undesirable/ subfolders; or parquet with image, caption, "
+                         "label)")
+    if len(ds) == 0 and getattr(ds, "unpaired", False):
+        raise ValueError(f"--dataset {spec!r} has no usable labelled image ({describe_skips(ds)}); rows without a "
+                         "caption, without a label or with a label that is not 1/0, true/false, desirable/undesirable "
+                         "or exclusive_win/exclusive_lose are dropped")
     if isinstance(ds, _PairIndex):
         ds.random_flip, ds.random_crop, ds.seed = random_flip, random_crop, seed
     if len(ds) == 0:
@@ -346,7 +360,8 @@ def build_dataset(spec: str, *, resolution: int, synthetic_size: int = 512, seed
 
 def collate_pairs(items: list) -> dict:
     """Stack items; :class:`CorruptPair` items are dropped and handed on in ``batch["corrupt"]``
-    (``{index: where}``), so that the trainer counts each unreadable row once across epochs."""
+    (``{index: where}``), so that the trainer counts each unreadable row once across epochs. Unpaired
+    items (one image and a ``label`` each) also give ``batch["labels"]``."""
     good = [it for it in items if not isinstance(it, CorruptPair)]
     corrupt = {it.index: it.where for it in items if isinstance(it, CorruptPair)}
     if not good:
@@ -360,6 +375,8 @@ def collate_pairs(items: list) -> dict:
     for key in ("original_size", "crop_top_left"):  # (B, 2): SDXL's time ids; absent if a dataset lacks them
         if all(key in it for it in good):
             batch[key] = torch.tensor([list(it[key]) for it in good], dtype=torch.long)
+    if "label" in good[0]:
+        batch["labels"] = torch.tensor([it["label"] for it in good], dtype=torch.long)
     return batch
 
 

@@ -68,17 +68,24 @@ def compute_loss(model: DiffusionModel, policy, reference, objective, batch: dic
                  accelerator, *, clip=None, tau: float | None = None, group=None, dro=None) -> StepOutput:
     """The loss of one micro-batch: encode (or read the latent cache) → noise the pairs (per pair and
     ``batch["epoch"]``, 0 when absent) → the policy, once on the stacked ``[w; l]`` batch, and the
-    reference mode → the objective. ``--loss rpo/orrpo``: ``clip`` (a
-    :class:`~fastpref.train.clip_embed.ClipEmbedder`) gives the pairs' embeddings, ``tau`` the weights'
-    temperature, ``group`` the process group the weight matrix spans (``None``: this batch only).
+    reference mode → the objective. ``group``: the process group of a training step, passed to every
+    objective (KTO's reference point and RPO's weight matrix span it; ``None``: this batch only).
+    ``--loss rpo/orrpo``: ``clip`` (a :class:`~fastpref.train.clip_embed.ClipEmbedder`) gives the pairs'
+    embeddings, ``tau`` the weights' temperature. An unpaired batch (``batch["labels"]``, one image per
+    row, :mod:`fastpref.train.unpaired`) goes through the same steps with one image per row.
     ``--loss dro``: ``dro`` (a :class:`~fastpref.train.dro.DROSampler`) replaces the noised pairs by the
     expert half and the lagged policy's online half (``None``, as in the held-out evaluation: the pairs)."""
     extra = {}
+    if "labels" in batch:
+        if not objective.unpaired:
+            raise ValueError(f"--loss {objective.name} needs preference pairs; this dataset holds unpaired labelled "
+                             "images, which only --loss kto trains on")
+        extra["labels"] = batch["labels"]
     if objective.needs_clip:
         if clip is None or tau is None:
             raise ValueError(f"--loss {objective.name} needs the pairs' CLIP embeddings: pass clip= and tau=")
         win_emb, lose_emb = clip(batch, accelerator.device)  # no gradient
-        extra = {"win_emb": win_emb, "lose_emb": lose_emb, "tau": tau, "group": group}
+        extra.update(win_emb=win_emb, lose_emb=lose_emb, tau=tau)
     latents, cond = encode(model, batch, cfg.seed, accelerator.device)
     if dro is not None:
         noised, cond = dro.batch(latents, cond, batch)
@@ -86,8 +93,8 @@ def compute_loss(model: DiffusionModel, policy, reference, objective, batch: dic
         noised = noise_pairs(model, latents, batch["index"], batch.get("epoch", 0), cfg.seed)
     with accelerator.autocast():
         model_pred, ref = reference(policy, noised, cond, batch)
-    loss, stats = objective.call(model_pred, ref, noised.target, cfg, **extra)
-    return StepOutput(loss, stats, model_pred.detach(), ref, noised.target, noised.timesteps, latents.shape[0] // 2)
+    loss, stats = objective.call(model_pred, ref, noised.target, cfg, group=group, **extra)
+    return StepOutput(loss, stats, model_pred.detach(), ref, noised.target, noised.timesteps, len(batch["index"]))
 
 
 def _stat_means(out: StepOutput) -> dict[str, torch.Tensor]:
@@ -204,6 +211,9 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
     if dataset is None:
         dataset = build_dataset(cfg.dataset, resolution=cfg.resolution or 0, synthetic_size=cfg.synthetic_size,
                                 seed=cfg.seed, random_flip=cfg.random_flip, random_crop=cfg.random_crop)
+    if getattr(dataset, "unpaired", False) and not objective.unpaired:
+        raise ValueError(f"--dataset {cfg.dataset!r} holds unpaired labelled images; --loss {cfg.loss} needs "
+                         "preference pairs (only --loss kto trains on unpaired data)")
     train_idx, eval_idx = cfg.split_rows(len(dataset))  # held-out pairs: the last ones, never trained on
     n_eval = len(eval_idx)
     if len(train_idx) < cfg.train_batch_size * world:
@@ -266,15 +276,17 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
         source, collate = latent_cache_for_run(cfg, model, dataset, rows, device, build=accelerator.is_main_process,
                                               wait=accelerator.wait_for_everyone), collate_cached
 
-    clip, tau, group = None, None, None
+    group = torch.distributed.group.WORLD if world > 1 else None  # what KTO's z and RPO's matrix span
+    clip, tau = None, None
     if objective.needs_clip:  # --loss rpo/orrpo: CLIP embeddings of the pairs; the matrix over all processes
-        from fastpref.train.clip_embed import build_clip_embedder, default_tau
+        from fastpref.train.clip_embed import build_clip_embedder, clip_cache_for_run, default_tau
 
-        clip = build_clip_embedder(cfg, device)
         tau = cfg.rpo_tau if cfg.rpo_tau is not None else default_tau(model)
-        group = torch.distributed.group.WORLD if world > 1 else None
-        if cfg.cache_latents:  # the cached batches hold no pixels: every row's embeddings once, now
-            clip.fill(dataset, rows)
+        if cfg.cache_latents:  # the cached batches hold no pixels: every row's embeddings once, on disk
+            clip = clip_cache_for_run(cfg, source, dataset, rows, device, build=accelerator.is_main_process,
+                                      wait=accelerator.wait_for_everyone)
+        else:
+            clip = build_clip_embedder(cfg, device)
 
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
@@ -337,10 +349,12 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
 
     def evaluate(step: int) -> None:
         """Held-out implicit accuracy at fixed noise; a sample grid from fixed prompts and seeds (one
-        column per prompt, one row per seed); the dataset's reward of those samples, when it has one."""
-        if not accelerator.is_main_process:
-            return
-        policy = accelerator.unwrap_model(denoiser)
+        column per prompt, one row per seed); the dataset's reward of those samples, when it has one.
+
+        Every process runs the same forwards, through the prepared (wrapped) denoiser: under FSDP each
+        forward gathers the sharded weights, which every rank must join (process 0 alone would wait
+        forever); under DDP the wrapper's forward may broadcast buffers. Process 0 alone writes."""
+        policy = denoiser
         correct = []
         with torch.no_grad():
             for start in range(0, len(eval_idx), cfg.train_batch_size):
@@ -355,12 +369,18 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
                     ref_err = pair_errors(out.ref["ref_pred"], out.target)
                 else:
                     ref_err = out.ref.get("ref_err", torch.zeros_like(model_err))
+                if "labels" in batch:  # unpaired: does the policy move each image's error the label's way?
+                    sign = 2.0 * batch["labels"].to(model_err) - 1.0
+                    correct.append(sign * (ref_err.float() - model_err))
+                    continue
                 mw, ml = model_err.chunk(2)
                 rw, rl = ref_err.float().chunk(2)
                 correct.append(-((mw - ml) - (rw - rl)))  # the sign of u (β > 0)
             with accelerator.autocast():
                 seeds = [cfg.validation_seed + k for k in range(EVAL_SEEDS) for _ in prompts]
                 images = model.sample(policy, prompts * EVAL_SEEDS, seeds, cfg.num_inference_steps, device)
+        if not accelerator.is_main_process:
+            return
         scored = torch.cat(correct) if correct else torch.empty(0)
         row = {"heldout_accuracy": implicit_accuracy(scored).item() if correct else None,
                "heldout_pairs": int(scored.numel())}
@@ -468,7 +488,9 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
         if "png" in cfg.report_to.split(","):
             curves = plot_curves(log_dir, os.path.join(cfg.output_dir, "curves.png"))
         say(_summary(cfg, result, curves, time.perf_counter() - t_start))
-    accelerator.end_training()
+    # not accelerator.end_training(): it destroys the process group, and a second train() in the same job
+    # (a sweep, a notebook, a resume test) would find none. The job's entry point destroys it (main()).
+    accelerator.wait_for_everyone()
     return result
 
 

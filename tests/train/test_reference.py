@@ -46,8 +46,8 @@ def _double(model):
 
 def _fp64_objective(loss: str) -> Objective:
     fn = {"dpo": fastpref.dpo_loss, "dmpo": fastpref.dmpo_loss}[loss]
-    return Objective(loss, lambda pred, ref, target, cfg: (fn(pred, target=target, beta=cfg.beta, backend="torch",
-                                                               **ref), None))
+    return Objective(loss, lambda pred, ref, target, cfg, group=None: (
+        fn(pred, target=target, beta=cfg.beta, backend="torch", **ref), None))
 
 
 class DoublePairs(SyntheticPreferences):
