@@ -540,17 +540,21 @@ def dro_loss(
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, PreferenceStats]:
     """Diffusion-DRO ("Ranking-based Preference Optimization for Diffusion Models from Implicit User
-    Feedback", Wu et al., 2025, arXiv:2510.18353): hinge ranking of expert (offline) samples above
+    Feedback", Yi-Lun Wu et al., 2025, arXiv:2510.18353): hinge ranking of expert (offline) samples above
     online samples.
 
         d_i = (e_θ − e_ref)[expert_i] − (e_θ − e_ref)[online_i],   ℓ_i = relu(d_i + m),  m = 0.001
 
     ``model_pred`` stacks the B expert samples first, then the B online samples (the pair layout of
-    :func:`dpo_loss`, expert in the winner slot). The online samples are the policy's own: the DRO
-    trainer generates ``x0_online`` for each prompt with a lagged copy of the policy (updated every K
-    steps, no grad), noises expert and online image with the same noise and timestep, and runs the
-    policy and the reference on both. Stats: ``margin`` = −d (β = 2 in :class:`PreferenceStats`).
-    Other arguments as :func:`dpo_loss`.
+    :func:`dpo_loss`, expert in the winner slot); ``target`` is then ``(2B, *S)``, since the halves share
+    no noise. In the authors' code (github.com/basiclab/DiffusionDRO, ``train.py`` lines 753-768, and
+    ``misc/buffer.py`` ``ReplayBuffer.callback_fn``), a lagged copy of the policy (refreshed from it
+    every few steps) samples an image for the prompt; an online sample i is a state x_t of that
+    sampling trajectory, and its target is the lagged copy's own noise prediction at x_t. The expert
+    sample is the preferred image noised at the same t with fresh, independent noise, its target that
+    noise. Only t is shared. The policy and the reference then run on both halves.
+    ``fastpref-train --loss dro`` builds these halves (``fastpref/train/dro.py``). Stats: ``margin`` = −d
+    (β = 2 in :class:`PreferenceStats`). Other arguments as :func:`dpo_loss`.
     """
     margin = _check_nonnegative("margin", margin)
     _check_choice("reduction", reduction, REDUCTIONS)

@@ -282,6 +282,10 @@ def dro(model_err: torch.Tensor, ref_err: torch.Tensor, margin_m: float):
 
     (experts stacked first, online samples second). Returns ``(losses (B,), −d (B,))``; −d is the
     margin u of :func:`margin` at β = 2, positive when the expert is ranked above the online sample.
+    As in the authors' code (github.com/basiclab/DiffusionDRO, ``train.py`` 753-768): the online error
+    is measured at a state x_t of a lagged policy's sampling trajectory against that lagged policy's
+    own noise prediction there; the expert error at the preferred image noised at the same t with
+    fresh, independent noise. The errors reach this function already computed.
     """
     u = margin(model_err, ref_err, 2.0)
     return torch.relu(margin_m - u), u

@@ -21,4 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # a bad flag, config or dataset: say what to fix, no traceback
         print(f"fastpref-train: error: {exc}", file=sys.stderr)
         return 2
+    finally:  # train() keeps the process group (a job may train several times); the job ends here
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     return 0

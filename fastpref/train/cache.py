@@ -87,6 +87,9 @@ def files_fingerprint(paths: Iterable[str | os.PathLike]) -> str:
     return _sha256(entries)
 
 
+_TRANSFORM_KEYS = ("resolution", "random_flip", "random_crop")  # fingerprinted as such, not as the data
+
+
 def _dataset_source(dataset) -> Any:
     """Files for the file-backed datasets; the class and its plain settings for generated ones."""
     files = getattr(dataset, "files", None)
@@ -95,7 +98,7 @@ def _dataset_source(dataset) -> Any:
     if files is not None:
         return files_fingerprint(files)
     plain = (int, float, str, bool, type(None))
-    settings = {k: v for k, v in vars(dataset).items() if not k.startswith("_") and k != "resolution" and (
+    settings = {k: v for k, v in vars(dataset).items() if not k.startswith("_") and k not in _TRANSFORM_KEYS and (
         isinstance(v, plain) or (isinstance(v, (list, tuple)) and all(isinstance(x, plain) for x in v)))}
     return {"class": type(dataset).__qualname__, **settings}
 
@@ -112,12 +115,14 @@ def _text_fingerprint(model) -> str:
 
 def latents_fingerprint(model, dataset, rows: Sequence[int], seed: int) -> dict[str, str]:
     """What the latent cache depends on: the dataset (files, or a generated set's settings), the image
-    resolution, which rows, the VAE (config and weights, in its dtype), the tokenizers and text
+    resolution and transform (flip, crop), which rows, the VAE (config and weights, in its dtype), the tokenizers and text
     encoders, and the seed of the VAE samples."""
     return {
         "format": LATENTS_FORMAT,
         "dataset": _sha256(_dataset_source(dataset)),
         "resolution": str(dataset.resolution),
+        "image_transform": (f"random_flip={bool(getattr(dataset, 'random_flip', False))} "
+                            f"random_crop={bool(getattr(dataset, 'random_crop', False))}"),
         "rows": _sha256(list(map(int, rows))),
         "vae": module_fingerprint(model.vae) if model.vae is not None else "none (pixel space)",
         "text": _text_fingerprint(model),
@@ -209,22 +214,26 @@ def encode(model, batch: dict, seed: int, device) -> tuple[torch.Tensor, dict[st
     """The stacked latents ``(2B, C, h, w)`` (winners, then losers) and conditioning ``{name: (2B, …)}``
     of a batch: read from ``batch["latents"]``/``batch["cond"]`` (a latent-cache batch,
     :func:`collate_cached`), else the VAE (posterior sample of row i, image j drawn with
-    ``(seed, i, j)``) and the text encoders."""
+    ``(seed, i, j)``), the text encoders and the images' own conditioning (SDXL's time ids). An unpaired
+    batch (one image per row) gives ``(B, …)``."""
     if "latents" in batch:  # --cache_latents: no VAE, no text encoder
-        pairs = batch["latents"].to(device)  # (B, 2, C, h, w)
-        latents = torch.cat([pairs[:, 0], pairs[:, 1]])
+        rows = batch["latents"].to(device)  # (B, images, C, h, w)
+        latents = torch.cat(rows.unbind(1))
         cond = {k: v.to(device) for k, v in batch["cond"].items()}
     else:
-        pixels = batch["pixel_values"].to(device)  # (B, 2, C, H, W)
-        latents = model.encode_images(torch.cat([pixels[:, 0], pixels[:, 1]]), vae_generators(seed, batch["index"]))
-        cond = model.encode_prompts(batch["caption"], device)
-    return latents, {k: torch.cat([v, v]) for k, v in cond.items()}  # a pair shares its prompt
+        pixels = batch["pixel_values"].to(device)  # (B, images, C, H, W)
+        latents = model.encode_images(torch.cat(pixels.unbind(1)),
+                                      vae_generators(seed, batch["index"], images=pixels.shape[1]))
+        cond = {**model.encode_prompts(batch["caption"], device), **model.image_conditioning(batch, device)}
+    images = latents.shape[0] // len(batch["index"])
+    return latents, {k: torch.cat([v] * images) for k, v in cond.items()}  # a pair shares its prompt
 
 
 class LatentCache(torch.utils.data.Dataset):
     """A latent cache on disk, read row by row (``safe_open`` slices: a large cache is not loaded into
     memory). ``cache[i]`` (dataset row i) is ``{"latents": (2, C, h, w), "cond": {name: tensor},
-    "index": i}``, or ``None`` for a row whose images could not be read when the cache was built."""
+    "index": i}`` (an unpaired dataset: ``(1, C, h, w)`` and its ``"label"``), or a
+    :class:`~fastpref.train.data.CorruptPair` for a row that could not be read when the cache was built."""
 
     def __init__(self, path, fingerprint: Mapping[str, str]):
         from safetensors import safe_open
@@ -236,6 +245,7 @@ class LatentCache(torch.utils.data.Dataset):
         self._pos = _positions(self.rows)
         self._latents = self._file.get_slice("latents")
         self._cond = {k[len("cond."):]: self._file.get_slice(k) for k in self._file.keys() if k.startswith("cond.")}
+        self.labels = self._file.get_tensor("labels") if "labels" in self._file.keys() else None
 
     @classmethod
     def load(cls, path, expected: Mapping[str, str]) -> "LatentCache":
@@ -258,8 +268,11 @@ class LatentCache(torch.utils.data.Dataset):
         k = int(_lookup(self._pos, [i], "latent cache")[0])
         if not self.valid[k]:
             return CorruptPair(int(i), f"row {int(i)} (unreadable when the latent cache was built)")
-        return {"latents": self._latents[k: k + 1][0], "cond": {n: s[k: k + 1][0] for n, s in self._cond.items()},
+        item = {"latents": self._latents[k: k + 1][0], "cond": {n: s[k: k + 1][0] for n, s in self._cond.items()},
                 "index": int(i)}
+        if self.labels is not None:
+            item["label"] = int(self.labels[k])
+        return item
 
 
 def collate_cached(items: list) -> dict:
@@ -272,6 +285,8 @@ def collate_cached(items: list) -> dict:
     if good:
         batch["latents"] = torch.stack([it["latents"] for it in good])
         batch["cond"] = {n: torch.stack([it["cond"][n] for it in good]) for n in good[0]["cond"]}
+        if "label" in good[0]:
+            batch["labels"] = torch.tensor([it["label"] for it in good], dtype=torch.long)
     return batch
 
 
@@ -281,12 +296,14 @@ def collate_cached(items: list) -> dict:
 
 
 class RefErrorCache:
-    """Reference errors ``ref_err`` (epochs, R, 2) of the dataset rows ``rows`` (R,); :meth:`lookup`
-    gives the ``(2B,)`` ``ref_err`` of a batch (winners first) for the losses' ``ref_err=``."""
+    """Reference errors ``ref_err`` (epochs, R, 2) of the dataset rows ``rows`` (R,) (an unpaired
+    dataset: (epochs, R, 1)); :meth:`lookup` gives the ``(2B,)`` ``ref_err`` of a batch (winners first;
+    unpaired: ``(B,)``) for the losses' ``ref_err=``."""
 
     def __init__(self, ref_err: torch.Tensor, rows: torch.Tensor, fingerprint: Mapping[str, str]):
-        if ref_err.dim() != 3 or ref_err.shape[1:] != (rows.numel(), 2):
-            raise ValueError(f"ref_err must be (epochs, {rows.numel()}, 2), got {tuple(ref_err.shape)}")
+        if ref_err.dim() != 3 or ref_err.shape[1] != rows.numel() or ref_err.shape[2] not in (1, 2):
+            raise ValueError(f"ref_err must be (epochs, {rows.numel()}, 2) or (epochs, {rows.numel()}, 1), "
+                             f"got {tuple(ref_err.shape)}")
         self.ref_err, self.rows, self.fingerprint = ref_err, rows, dict(fingerprint)
         self._pos = _positions(rows)
 
@@ -317,11 +334,11 @@ class RefErrorCache:
                              f"--epochs {num_epochs}")
 
     def lookup(self, pair_indices, epoch: int) -> torch.Tensor:
-        """``(2B,)`` reference errors of the pairs at ``epoch``: winners, then losers."""
+        """``(2B,)`` reference errors of the pairs at ``epoch``: winners, then losers (unpaired: ``(B,)``)."""
         if not 0 <= int(epoch) < self.num_epochs:
             raise ValueError(f"epoch {epoch} is not in the reference-error cache (epochs 0…{self.num_epochs - 1})")
-        rows = self.ref_err[int(epoch)][_lookup(self._pos, pair_indices, "reference-error cache")]  # (B, 2)
-        return torch.cat([rows[:, 0], rows[:, 1]])
+        rows = self.ref_err[int(epoch)][_lookup(self._pos, pair_indices, "reference-error cache")]  # (B, images)
+        return torch.cat(rows.unbind(1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,10 +371,11 @@ def precompute(model, dataset, rows: Sequence[int], *, seed: int, device, latent
     device = torch.device(device)
     lat_fp = latents_fingerprint(model, dataset, rows, seed)
     source, collate = (latents, collate_cached) if latents is not None else (dataset, collate_pairs)
-    stored: dict[int, tuple] = {}  # position → (latents (2, …), cond) of the readable rows
+    stored: dict[int, tuple] = {}  # position → (latents (images, …), cond, label) of the readable rows
+    images = 1 if getattr(dataset, "unpaired", False) else 2  # per row: a pair, or one labelled image
     # errors in fp32 as pair_errors gives them (fp64 for an fp64 reference); NaN: an unreadable row
     err_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    ref_err = torch.full((epochs, len(rows), 2), float("nan"), dtype=err_dtype)
+    ref_err = torch.full((epochs, len(rows), images), float("nan"), dtype=err_dtype)
     was_training = model.denoiser.training
     model.denoiser.eval()
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype in (torch.float16, torch.bfloat16))
@@ -371,15 +389,17 @@ def precompute(model, dataset, rows: Sequence[int], *, seed: int, device, latent
             x0, cond = encode(model, batch, seed, device)
             b = len(pos)
             if latents_path is not None:
+                labels = batch.get("labels")
                 for k, p in enumerate(pos):
-                    stored[p] = (torch.stack([x0[k], x0[b + k]]).cpu(),
-                                 {n: v[k].to("cpu", copy=True) for n, v in cond.items()})  # not a view of the batch
+                    stored[p] = (torch.stack([x0[j * b + k] for j in range(images)]).cpu(),
+                                 {n: v[k].to("cpu", copy=True) for n, v in cond.items()},  # not a view of the batch
+                                 None if labels is None else int(labels[k]))
             for epoch in range(epochs):
                 noised = noise_pairs(model, x0, batch["index"], epoch, seed)
                 with autocast:
                     pred = reference_prediction(model, model.denoiser, noised, cond)
                 err = pair_errors(pred, noised.target).cpu()
-                ref_err[epoch, pos, 0], ref_err[epoch, pos, 1] = err[:b], err[b:]
+                ref_err[epoch, pos] = err.view(images, b).T.to(err_dtype)
     finally:
         model.denoiser.train(was_training)
     rows_t = torch.tensor(rows, dtype=torch.long)
@@ -387,10 +407,12 @@ def precompute(model, dataset, rows: Sequence[int], *, seed: int, device, latent
     if latents_path is not None:
         if not stored:
             raise ValueError("precompute: no row of the dataset could be read")
-        lat0, cond0 = next(iter(stored.values()))
+        lat0, cond0, label0 = next(iter(stored.values()))
         tensors = {"rows": rows_t, "valid": torch.tensor([p in stored for p in range(len(rows))]),
                    "latents": torch.stack([stored[p][0] if p in stored else torch.zeros_like(lat0)
                                            for p in range(len(rows))])}
+        if label0 is not None:  # unpaired: each row's label (an unreadable row: −1)
+            tensors["labels"] = torch.tensor([stored[p][2] if p in stored else -1 for p in range(len(rows))])
         for n, v in cond0.items():
             tensors[f"cond.{n}"] = torch.stack([stored[p][1][n] if p in stored else torch.zeros_like(v)
                                                 for p in range(len(rows))])
@@ -473,7 +495,7 @@ def _precompute_for_run(args) -> None:
         raise ValueError(f"--epochs must be an integer ≥ 1, got {args.epochs}")
     model = load_model(cfg.pretrained_model_name_or_path, revision=cfg.revision, **cfg.model_options())
     dataset = build_dataset(cfg.dataset, resolution=cfg.resolution or 0, synthetic_size=cfg.synthetic_size,
-                            seed=cfg.seed)
+                            seed=cfg.seed, random_flip=cfg.random_flip, random_crop=cfg.random_crop)
     dataset.resolution = cfg.resolution or model.resolution
     train_idx, eval_idx = cfg.split_rows(len(dataset))
     rows = sorted(train_idx + eval_idx)

@@ -3,7 +3,11 @@ arXiv:2406.06382): ``f(winner image, prompt)`` and ``f(loser image, prompt)`` fr
 
 * per step (default): from the batch's pixels and captions, under ``torch.no_grad()``;
 * with ``--cache_latents`` (the batch then holds no pixels): once for every dataset row the run reads,
-  before the first step, into a table in memory that the step looks up by row.
+  into a file next to the latent cache (``clip-<fingerprint>.safetensors`` in ``--latent_cache_dir``,
+  :func:`clip_cache_for_run`) that the step looks up by row. Its fingerprint is the latent cache's (the
+  data, rows, resolution) and the CLIP model's (:func:`clip_fingerprint`: ``--clip_model``,
+  ``--clip_pretrained`` — a tag, or a file by path, size and time — ``--clip_combiner`` and the
+  open_clip version); a run that finds the file loads no CLIP model.
 
 The model is ``--clip_model`` (an open_clip name such as ``ViT-H-14``, or ``fastpref:tiny-clip``, a small
 randomly initialised CLIP built from a config, nothing downloaded) with ``--clip_pretrained`` (an
@@ -21,7 +25,8 @@ import torch.nn.functional as F
 
 from fastpref.clip import COMBINERS, rpo_embeddings
 
-__all__ = ["TINY_CLIP", "RPO_TAU", "check_clip_flags", "default_tau", "ClipEmbedder", "build_clip_embedder"]
+__all__ = ["TINY_CLIP", "RPO_TAU", "CLIP_FORMAT", "check_clip_flags", "default_tau", "ClipEmbedder",
+           "build_clip_embedder", "clip_fingerprint", "ClipTable", "clip_cache_for_run"]
 
 TINY_CLIP = "fastpref:tiny-clip"
 #: Diffusion-RPO's τ per base model (Gu et al., 2024, Table 1): 0.01 on SD1.5, 0.5 on SDXL.
@@ -65,11 +70,10 @@ def check_clip_flags(clip_model, clip_pretrained, clip_combiner, pretrained_mode
 
 
 def default_tau(model) -> float:
-    """τ of the paper for the base model: 0.5 for an SDXL-style UNet (added ``text_time`` conditioning),
-    else 0.01 (SD1.5; the paper gives no value for SD3-style transformers, and 0.01 is also the best of its
-    τ ablation)."""
-    config = getattr(model.denoiser, "config", None)
-    if model.family == "unet" and getattr(config, "addition_embed_type", None) == "text_time":
+    """τ of the paper for the base model: 0.5 for SDXL (the ``sdxl`` family: added ``text_time``
+    conditioning), else 0.01 (SD1.5; the paper gives no value for SD3-style transformers, and 0.01 is also
+    the best of its τ ablation)."""
+    if model.family == "sdxl":
         return RPO_TAU["sdxl"]
     return RPO_TAU["sd15"]
 
@@ -125,10 +129,13 @@ class ClipEmbedder:
     @torch.no_grad()
     def fill(self, dataset, rows, batch_size: int = 32) -> None:
         """Encode every readable row of ``dataset`` (a pixel dataset) once into the table."""
+        from fastpref.train.data import CorruptPair
+
         self.table = {}
         rows = list(rows)
         for start in range(0, len(rows), batch_size):
-            items = [it for it in (dataset[i] for i in rows[start: start + batch_size]) if it is not None]
+            items = [it for it in (dataset[i] for i in rows[start: start + batch_size])
+                     if it is not None and not isinstance(it, CorruptPair)]
             if not items:
                 continue
             win, lose = self.encode(torch.stack([it["pixel_values"] for it in items]), [it["caption"] for it in items])
@@ -156,3 +163,80 @@ def build_clip_embedder(cfg, device) -> ClipEmbedder:
         model = open_clip.create_model(name, pretrained=cfg.clip_pretrained)
         tokenizer = open_clip.get_tokenizer(name)
     return ClipEmbedder(model.to(device), tokenizer, cfg.clip_combiner)
+
+
+# ----------------------------------------------------------------------------------------------
+# --cache_latents: the embeddings on disk, next to the latent cache
+# ----------------------------------------------------------------------------------------------
+
+CLIP_FORMAT = "fastpref-clip-embeddings-v1"
+
+
+def clip_fingerprint(cfg) -> dict[str, str]:
+    """What the embeddings depend on besides the images and captions, known without loading the model:
+    the model name, its weights (an open_clip tag, or a checkpoint file by path, size and modification
+    time; ``none`` for random initialisation), the combiner and the open_clip version (its model
+    definitions and preprocessing)."""
+    from fastpref.train.cache import files_fingerprint
+
+    pretrained = cfg.clip_pretrained
+    if pretrained is not None and os.path.isfile(pretrained):
+        pretrained = f"file {files_fingerprint([pretrained])}"
+    return {"clip_model": cfg.clip_model or TINY_CLIP, "clip_pretrained": str(pretrained or "none"),
+            "clip_combiner": cfg.clip_combiner, "open_clip": _open_clip().__version__}
+
+
+class ClipTable:
+    """The embeddings of :func:`clip_cache_for_run`'s file: ``(win_emb, lose_emb)`` of a batch by
+    ``batch["index"]``, like :class:`ClipEmbedder` (no model in memory)."""
+
+    def __init__(self, emb: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor):
+        from fastpref.train.cache import _positions
+
+        self.emb, self.rows, self.valid = emb, rows, valid  # (R, 2, K), (R,), (R,)
+        self._pos = _positions(rows)
+
+    def __call__(self, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+        from fastpref.train.cache import _lookup
+
+        k = _lookup(self._pos, batch["index"], "CLIP embedding cache")
+        if not bool(self.valid[k].all()):
+            raise ValueError(f"rows {batch['index'][~self.valid[k]].tolist()} were unreadable when the CLIP "
+                             "embedding cache was built")
+        pairs = self.emb[k]
+        return pairs[:, 0].to(device), pairs[:, 1].to(device)
+
+
+def clip_cache_for_run(cfg, latents, dataset, rows, device, *, build: bool = True, wait=None) -> ClipTable:
+    """``--loss rpo/orrpo --cache_latents``: the rows' embeddings from ``clip-<fingerprint>.safetensors``
+    in the latent cache's folder; computed first (loading the CLIP model) when the file is not there and
+    ``build`` (the main process; the others ``wait()`` for it). ``latents``: the run's
+    :class:`~fastpref.train.cache.LatentCache`, whose fingerprint names the data."""
+    from safetensors.torch import load_file
+
+    from fastpref.train.cache import _check, _read_fingerprint, _save, _sha256
+
+    fingerprint = {"format": CLIP_FORMAT, **{f"latents.{k}": v for k, v in latents.fingerprint.items()},
+                   **clip_fingerprint(cfg)}
+    path = os.path.join(os.path.dirname(os.path.abspath(latents.path)),
+                        f"clip-{_sha256(fingerprint)[:16]}.safetensors")
+    if build and not os.path.isfile(path):
+        rows = [int(i) for i in rows]
+        print(f"--cache_latents: CLIP embeddings of {len(rows)} pairs once into {path}")
+        embedder = build_clip_embedder(cfg, device)
+        embedder.fill(dataset, rows)
+        table = embedder.table
+        if not table:
+            raise ValueError("the CLIP embedding cache: no row of the dataset could be read")
+        blank = torch.zeros_like(next(iter(table.values())))
+        _save(path, {"rows": torch.tensor(rows, dtype=torch.long),
+                     "valid": torch.tensor([i in table for i in rows]),
+                     "emb": torch.stack([table.get(i, blank) for i in rows])}, CLIP_FORMAT, fingerprint)
+        del embedder
+    if wait is not None:
+        wait()
+    fix = "delete it to rebuild it for this run"
+    _check(_read_fingerprint(path, CLIP_FORMAT, "CLIP embedding cache", fix), fingerprint, path,
+           "CLIP embedding cache", fix)
+    tensors = load_file(path)
+    return ClipTable(tensors["emb"], tensors["rows"], tensors["valid"])

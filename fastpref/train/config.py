@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from fastpref.train.noise import WEIGHTING_SCHEMES
 from fastpref.train.reference import REFERENCE_MODES
+from fastpref.train.transforms import check_transform_flags
 
 __all__ = ["TrainConfig", "build_parser", "parse_args", "config_from_values", "load_toml"]
 
@@ -37,6 +38,11 @@ class TrainConfig:
     max_train_pairs: int | None = None
     eval_pairs: int = 32
     resolution: int | None = None  # default: the model's native resolution
+    # -- the pair's image transform (diffusers' DPO scripts): shorter side to --resolution, then a crop,
+    #    the same for both images; the crop's top-left and the original size are SDXL's time ids
+    center_crop: bool = False  # the default crop; named for the diffusers flag
+    random_crop: bool = False
+    random_flip: bool = False  # horizontal flip with probability ½
     dataloader_num_workers: int = 0
     # -- objective
     loss: str = "dmpo"
@@ -56,6 +62,13 @@ class TrainConfig:
     clip_pretrained: str | None = None  # an open_clip tag or a checkpoint file; None: random initialisation
     clip_combiner: str = "mean"  # mean | image | text: how image and prompt embeddings combine
     rpo_tau: float | None = None  # τ of the weights; None: the paper's per model (0.01 SD1.5, 0.5 SDXL)
+    # -- --loss dro: the online half from a lagged policy's sampling trajectories (fastpref.train.dro);
+    #    defaults of basiclab/DiffusionDRO train.py (--margin, --buffer_size, --buffer_num_inference_steps,
+    #    --buffer_update_steps 16 micro-batches = 1 update at their gradient accumulation 16)
+    dro_margin: float = 0.001  # m of relu(d + m)
+    dro_refresh_steps: int = 1  # optimizer steps between refreshes of the lagged copy from the policy
+    dro_buffer_size: int = 4  # trajectories kept (the newest); each micro-batch adds one per pair
+    dro_num_inference_steps: int = 20  # sampling steps of each trajectory (DPM-Solver++ / Euler)
     # -- VAE latents and text embeddings computed once and read by every step (diffusers' flag name)
     cache_latents: bool = False
     latent_cache_dir: str | None = None  # None: OUTPUT_DIR/cache; share one folder between runs to reuse it
@@ -132,7 +145,7 @@ class TrainConfig:
         need(
             isinstance(self.pretrained_model_name_or_path, str) and self.pretrained_model_name_or_path != "",
             "--pretrained_model_name_or_path is required: a hub id (stabilityai/stable-diffusion-3.5-medium), a "
-            "local diffusers folder, or fastpref:tiny-unet / fastpref:tiny-unet-v / fastpref:tiny-sd3",
+            "local diffusers folder, or fastpref:tiny-unet / fastpref:tiny-unet-v / fastpref:tiny-sdxl / fastpref:tiny-sd3",
         )
         need(self.loss in OBJECTIVES, loss_choices_error(self.loss))
         if OBJECTIVES[self.loss].needs_clip:
@@ -144,6 +157,13 @@ class TrainConfig:
                 finite("rpo_tau", 0.0)
         if self.beta is not None:
             finite("beta", 0.0)
+        if self.loss == "dro":
+            from fastpref.train.dro import refuse_reference_mode
+
+            refuse_reference_mode(self.reference_mode)
+            finite("dro_margin", 0.0, strict=False)
+            for name in ("dro_refresh_steps", "dro_buffer_size", "dro_num_inference_steps"):
+                positive_int(name)
         need(
             isinstance(self.alpha, (int, float)) and 0.0 < self.alpha < 1.0,
             f"--alpha must lie strictly between 0 and 1 (DMPO's α; published 0.01 or 0.1), got {self.alpha!r}",
@@ -173,7 +193,8 @@ class TrainConfig:
         for name in ("sft_steps", "lr_warmup_steps", "validation_steps", "eval_pairs", "dataloader_num_workers", "seed",
                      "validation_seed"):
             positive_int(name, allow_zero=True)
-        for name in ("max_train_pairs", "checkpoints_total_limit", "resolution"):
+        check_transform_flags(self.resolution, self.center_crop, self.random_crop, self.random_flip)
+        for name in ("max_train_pairs", "checkpoints_total_limit"):
             if getattr(self, name) is not None:
                 positive_int(name)
         finite("learning_rate", 0.0)
@@ -221,7 +242,13 @@ def _loss_help() -> str:
     return "one of " + ", ".join(f"{n} ({o.doc})" for n, o in sorted(OBJECTIVES.items()))
 
 
-_HELP = {"loss": _loss_help}
+_HELP = {
+    "loss": _loss_help,
+    "resolution": lambda: "training image size: the shorter side is resized to it, then a square crop",
+    "center_crop": lambda: "crop the centre of both images of a pair (the default crop)",
+    "random_crop": lambda: "crop both images of a pair at one random top-left (drawn per pair and --seed)",
+    "random_flip": lambda: "flip both images of a pair horizontally with probability 1/2 (drawn per pair and --seed)",
+}
 
 
 def _field_type(f: dataclasses.Field) -> str:

@@ -2,7 +2,9 @@
 synthetic set generated on the fly.
 
 Every dataset yields ``{"pixel_values": (2, 3, H, W) in [−1, 1], winner first; "caption": str;
-"index": int}``. Rows that cannot be used are skipped and counted once in ``dataset.skipped`` (a dict
+"index": int; "original_size": (h, w); "crop_top_left": (y, x)}`` — the last two for SDXL's
+micro-conditioning, from the pair's transform (:class:`fastpref.train.transforms.PairTransform`: resize,
+``--random_flip``, ``--center_crop`` / ``--random_crop``, the same for both images). Rows that cannot be used are skipped and counted once in ``dataset.skipped`` (a dict
 ``reason → count`` the trainer logs), and where they are is kept in ``dataset.problems`` (``reason →
 ["file line N: what is wrong", …]``, the first few per reason): ties (``label_0 = 0.5``), missing
 captions and labels that are not numbers in [0, 1] when the index is built; corrupt images when they
@@ -24,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils.data import Dataset, Sampler
+
+from fastpref.train.transforms import PairTransform
 
 __all__ = [
     "SyntheticPreferences",
@@ -62,8 +66,8 @@ class SyntheticPreferences(Dataset):
     → magenta → cyan → red). :meth:`reward` scores any image for a prompt — the winner always scores
     higher, so the preference follows the reward."""
 
-    def __init__(self, size: int = 512, resolution: int = 16, seed: int = 0):
-        self.size, self.resolution, self.seed = size, resolution, seed
+    def __init__(self, size: int = 512, resolution: int = 16, seed: int = 0, random_flip: bool = False):
+        self.size, self.resolution, self.seed, self.random_flip = size, resolution, seed, random_flip
         self.skipped: Counter = Counter()
         self.colors = list(PALETTE)
 
@@ -91,7 +95,11 @@ class SyntheticPreferences(Dataset):
         other = (c + 1) % len(self.colors)
         win = self._image(g, PALETTE[self.colors[c]])
         lose = self._image(g, PALETTE[self.colors[other]])
-        return {"pixel_values": torch.stack([win, lose]), "caption": f"a {self.colors[c]} disc", "index": int(i)}
+        # generated at the resolution: nothing to resize or crop; --random_flip flips the pair
+        pair, original, crop = PairTransform(self.resolution, random_flip=self.random_flip, seed=self.seed)(
+            torch.stack([win, lose]), int(i))
+        return {"pixel_values": pair, "caption": f"a {self.colors[c]} disc", "index": int(i),
+                "original_size": original, "crop_top_left": crop}
 
     @staticmethod
     def prompt_colour(prompt: str) -> str | None:
@@ -128,23 +136,15 @@ class SyntheticPreferences(Dataset):
 # ----------------------------------------------------------------------------------------------
 
 
-def _image_transform(resolution: int):
-    from torchvision import transforms
-
-    return transforms.Compose([
-        transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
-        transforms.CenterCrop(resolution),
-        transforms.ToTensor(),
-        transforms.Normalize([0.5], [0.5]),
-    ])
-
-
-def _decode(data: bytes, transform) -> torch.Tensor | None:
+def _decode(data: bytes):
+    """The RGB image in ``data`` (a loaded PIL image), or ``None`` when it cannot be decoded."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as im:
-            return transform(im.convert("RGB"))
+            rgb = im.convert("RGB")
+            rgb.load()
+            return rgb
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         return None
 
@@ -177,15 +177,17 @@ class _PairIndex(Dataset):
 
     def __init__(self, resolution: int):
         self.resolution = resolution  # the trainer sets it to the model's once the model is loaded
+        self.random_flip, self.random_crop, self.seed = False, False, 0  # build_dataset sets them
         self._transform = (None, None)
         self.skipped: Counter = Counter()
         self.problems: dict[str, list[str]] = {}
         self.rows: list = []
 
     @property
-    def transform(self):
-        if self._transform[0] != self.resolution:
-            self._transform = (self.resolution, _image_transform(self.resolution))
+    def transform(self) -> PairTransform:
+        key = (self.resolution, self.random_crop, self.random_flip, self.seed)
+        if self._transform[0] != key:
+            self._transform = (key, PairTransform(*key))
         return self._transform[1]
 
     def _skip(self, reason: str, where: str) -> None:
@@ -211,13 +213,19 @@ class _PairIndex(Dataset):
         return len(self.rows)
 
     def _item(self, i, raw0: bytes, raw1: bytes):
+        from torchvision.transforms.functional import to_tensor
+
         _, winner_is_0, caption, where = self.rows[i]
-        a, b = _decode(raw0, self.transform), _decode(raw1, self.transform)
+        a, b = _decode(raw0), _decode(raw1)
         if a is None or b is None:
             which = " and ".join(n for n, x in (("image_0", a), ("image_1", b)) if x is None)
             return CorruptPair(int(i), f"{where}: {which} cannot be decoded")
+        if b.size != a.size:  # as diffusers' SDXL DPO script: image_1 to image_0's size, then one transform
+            b = b.resize(a.size)
         win, lose = (a, b) if winner_is_0 else (b, a)
-        return {"pixel_values": torch.stack([win, lose]), "caption": caption, "index": int(i)}
+        pair, original, crop = self.transform(torch.stack([to_tensor(win), to_tensor(lose)]), int(i))
+        return {"pixel_values": pair * 2 - 1, "caption": caption, "index": int(i), "original_size": original,
+                "crop_top_left": crop}
 
 
 class PickAPicParquet(_PairIndex):
@@ -312,17 +320,37 @@ def describe_skips(dataset, limit: int = 2) -> str:
     return ", ".join(parts) or "none"
 
 
-def build_dataset(spec: str, *, resolution: int, synthetic_size: int = 512, seed: int = 0) -> Dataset:
-    """``"synthetic"``, a parquet file or a folder of parquet files, or a folder with ``metadata.jsonl``."""
+def build_dataset(spec: str, *, resolution: int, synthetic_size: int = 512, seed: int = 0, random_flip: bool = False,
+                  random_crop: bool = False) -> Dataset:
+    """``"synthetic"``, a parquet file or a folder of parquet files, or a folder with ``metadata.jsonl``;
+    or unpaired labelled images for ``--loss kto`` (:mod:`fastpref.train.unpaired`).
+    ``random_flip`` / ``random_crop`` (else centred): the pairs' transform, its draws seeded per
+    ``(seed, pair)`` (:mod:`fastpref.train.transforms`); the synthetic set is generated at the resolution
+    and only flips."""
+    from fastpref.train import unpaired
+
     if spec == "synthetic":
-        ds = SyntheticPreferences(synthetic_size, resolution, seed)
+        ds = SyntheticPreferences(synthetic_size, resolution, seed, random_flip)
+    elif unpaired.is_unpaired_folder(spec):
+        ds = unpaired.UnpairedFolder(spec, resolution)
+    elif unpaired.is_unpaired_parquet(spec):
+        ds = unpaired.UnpairedParquet(spec, resolution)
     elif os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "metadata.jsonl")):
         ds = FolderPairs(spec, resolution)
     elif (os.path.isfile(spec) and spec.endswith(".parquet")) or os.path.isdir(spec):
         ds = PickAPicParquet(spec, resolution)
     else:
         raise ValueError(f"--dataset {spec!r}: expected 'synthetic', a Pick-a-Pic .parquet file, a folder of them, "
-                         "or a folder with metadata.jsonl (image_0, image_1, label_0, caption per line)")
+                         "or a folder with metadata.jsonl (image_0, image_1, label_0, caption per line); for --loss kto "
+                         "also unpaired labelled images (a folder with metadata.jsonl/metadata.csv of file_name, "
+                         "caption, label; desirable/ and undesirable/ subfolders; or parquet with image, caption, "
+                         "label)")
+    if len(ds) == 0 and getattr(ds, "unpaired", False):
+        raise ValueError(f"--dataset {spec!r} has no usable labelled image ({describe_skips(ds)}); rows without a "
+                         "caption, without a label or with a label that is not 1/0, true/false, desirable/undesirable "
+                         "or exclusive_win/exclusive_lose are dropped")
+    if isinstance(ds, _PairIndex):
+        ds.random_flip, ds.random_crop, ds.seed = random_flip, random_crop, seed
     if len(ds) == 0:
         raise ValueError(f"--dataset {spec!r} has no usable preference pair ({describe_skips(ds)}); ties "
                          "(label_0 = 0.5), rows without a caption and labels that are not numbers in [0, 1] "
@@ -332,17 +360,24 @@ def build_dataset(spec: str, *, resolution: int, synthetic_size: int = 512, seed
 
 def collate_pairs(items: list) -> dict:
     """Stack items; :class:`CorruptPair` items are dropped and handed on in ``batch["corrupt"]``
-    (``{index: where}``), so that the trainer counts each unreadable row once across epochs."""
+    (``{index: where}``), so that the trainer counts each unreadable row once across epochs. Unpaired
+    items (one image and a ``label`` each) also give ``batch["labels"]``."""
     good = [it for it in items if not isinstance(it, CorruptPair)]
     corrupt = {it.index: it.where for it in items if isinstance(it, CorruptPair)}
     if not good:
         return {"pixel_values": None, "caption": [], "index": torch.empty(0, dtype=torch.long), "corrupt": corrupt}
-    return {
+    batch = {
         "pixel_values": torch.stack([it["pixel_values"] for it in good]),
         "caption": [it["caption"] for it in good],
         "index": torch.tensor([it["index"] for it in good]),
         "corrupt": corrupt,
     }
+    for key in ("original_size", "crop_top_left"):  # (B, 2): SDXL's time ids; absent if a dataset lacks them
+        if all(key in it for it in good):
+            batch[key] = torch.tensor([list(it[key]) for it in good], dtype=torch.long)
+    if "label" in good[0]:
+        batch["labels"] = torch.tensor([it["label"] for it in good], dtype=torch.long)
+    return batch
 
 
 class EpochSampler(Sampler):

@@ -34,6 +34,7 @@ from fastpref.train.launch import build_accelerator, start_line
 from fastpref.train.metrics import MetricsLogger, plot_curves
 from fastpref.train.models import DiffusionModel, load_model, save_model
 from fastpref.train.noise import noise_pairs
+from fastpref.train.pipelines import UNET_FAMILIES, save_lora_weights
 from fastpref.train.objectives import get_objective
 from fastpref.train.reference import make_reference, resolve_reference_mode
 from fastpref.train.preflight import preflight
@@ -64,24 +65,36 @@ class TrainResult:
 
 
 def compute_loss(model: DiffusionModel, policy, reference, objective, batch: dict, cfg: TrainConfig,
-                 accelerator, *, clip=None, tau: float | None = None, group=None) -> StepOutput:
+                 accelerator, *, clip=None, tau: float | None = None, group=None, dro=None) -> StepOutput:
     """The loss of one micro-batch: encode (or read the latent cache) → noise the pairs (per pair and
     ``batch["epoch"]``, 0 when absent) → the policy, once on the stacked ``[w; l]`` batch, and the
-    reference mode → the objective. ``--loss rpo/orrpo``: ``clip`` (a
-    :class:`~fastpref.train.clip_embed.ClipEmbedder`) gives the pairs' embeddings, ``tau`` the weights'
-    temperature, ``group`` the process group the weight matrix spans (``None``: this batch only)."""
+    reference mode → the objective. ``group``: the process group of a training step, passed to every
+    objective (KTO's reference point and RPO's weight matrix span it; ``None``: this batch only).
+    ``--loss rpo/orrpo``: ``clip`` (a :class:`~fastpref.train.clip_embed.ClipEmbedder`) gives the pairs'
+    embeddings, ``tau`` the weights' temperature. An unpaired batch (``batch["labels"]``, one image per
+    row, :mod:`fastpref.train.unpaired`) goes through the same steps with one image per row.
+    ``--loss dro``: ``dro`` (a :class:`~fastpref.train.dro.DROSampler`) replaces the noised pairs by the
+    expert half and the lagged policy's online half (``None``, as in the held-out evaluation: the pairs)."""
     extra = {}
+    if "labels" in batch:
+        if not objective.unpaired:
+            raise ValueError(f"--loss {objective.name} needs preference pairs; this dataset holds unpaired labelled "
+                             "images, which only --loss kto trains on")
+        extra["labels"] = batch["labels"]
     if objective.needs_clip:
         if clip is None or tau is None:
             raise ValueError(f"--loss {objective.name} needs the pairs' CLIP embeddings: pass clip= and tau=")
         win_emb, lose_emb = clip(batch, accelerator.device)  # no gradient
-        extra = {"win_emb": win_emb, "lose_emb": lose_emb, "tau": tau, "group": group}
+        extra.update(win_emb=win_emb, lose_emb=lose_emb, tau=tau)
     latents, cond = encode(model, batch, cfg.seed, accelerator.device)
-    noised = noise_pairs(model, latents, batch["index"], batch.get("epoch", 0), cfg.seed)
+    if dro is not None:
+        noised, cond = dro.batch(latents, cond, batch)
+    else:
+        noised = noise_pairs(model, latents, batch["index"], batch.get("epoch", 0), cfg.seed)
     with accelerator.autocast():
         model_pred, ref = reference(policy, noised, cond, batch)
-    loss, stats = objective.call(model_pred, ref, noised.target, cfg, **extra)
-    return StepOutput(loss, stats, model_pred.detach(), ref, noised.target, noised.timesteps, latents.shape[0] // 2)
+    loss, stats = objective.call(model_pred, ref, noised.target, cfg, group=group, **extra)
+    return StepOutput(loss, stats, model_pred.detach(), ref, noised.target, noised.timesteps, len(batch["index"]))
 
 
 def _stat_means(out: StepOutput) -> dict[str, torch.Tensor]:
@@ -197,7 +210,10 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
     # ---- data (refused here, before any model is loaded, when unusable) ----------------------------
     if dataset is None:
         dataset = build_dataset(cfg.dataset, resolution=cfg.resolution or 0, synthetic_size=cfg.synthetic_size,
-                                seed=cfg.seed)
+                                seed=cfg.seed, random_flip=cfg.random_flip, random_crop=cfg.random_crop)
+    if getattr(dataset, "unpaired", False) and not objective.unpaired:
+        raise ValueError(f"--dataset {cfg.dataset!r} holds unpaired labelled images; --loss {cfg.loss} needs "
+                         "preference pairs (only --loss kto trains on unpaired data)")
     train_idx, eval_idx = cfg.split_rows(len(dataset))  # held-out pairs: the last ones, never trained on
     n_eval = len(eval_idx)
     if len(train_idx) < cfg.train_batch_size * world:
@@ -248,20 +264,29 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
     rows = sorted(train_idx + eval_idx)  # what the caches hold
     ref_cache = ref_cache_for_run(cfg, model, dataset, rows) if mode_name == "cache" else None
     reference = make_reference(mode_name, model, dtype=weight_dtype, cache=ref_cache)
+    dro = None
+    if objective.name == "dro":  # the lagged copy of the policy and its trajectory buffer
+        from fastpref.train.dro import DROSampler
+
+        dro = DROSampler(model, denoiser, seed=cfg.seed, buffer_size=cfg.dro_buffer_size,
+                         num_inference_steps=cfg.dro_num_inference_steps, refresh_steps=cfg.dro_refresh_steps,
+                         process_index=accelerator.process_index, autocast=accelerator.autocast)
     source, collate = dataset, collate_pairs
     if cfg.cache_latents:  # the step reads latents and text embeddings: no VAE, no text encoder
         source, collate = latent_cache_for_run(cfg, model, dataset, rows, device, build=accelerator.is_main_process,
                                               wait=accelerator.wait_for_everyone), collate_cached
 
-    clip, tau, group = None, None, None
+    group = torch.distributed.group.WORLD if world > 1 else None  # what KTO's z and RPO's matrix span
+    clip, tau = None, None
     if objective.needs_clip:  # --loss rpo/orrpo: CLIP embeddings of the pairs; the matrix over all processes
-        from fastpref.train.clip_embed import build_clip_embedder, default_tau
+        from fastpref.train.clip_embed import build_clip_embedder, clip_cache_for_run, default_tau
 
-        clip = build_clip_embedder(cfg, device)
         tau = cfg.rpo_tau if cfg.rpo_tau is not None else default_tau(model)
-        group = torch.distributed.group.WORLD if world > 1 else None
-        if cfg.cache_latents:  # the cached batches hold no pixels: every row's embeddings once, now
-            clip.fill(dataset, rows)
+        if cfg.cache_latents:  # the cached batches hold no pixels: every row's embeddings once, on disk
+            clip = clip_cache_for_run(cfg, source, dataset, rows, device, build=accelerator.is_main_process,
+                                      wait=accelerator.wait_for_everyone)
+        else:
+            clip = build_clip_embedder(cfg, device)
 
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
@@ -277,6 +302,10 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
     model.denoiser = accelerator.unwrap_model(denoiser)
 
     register_model_hooks(accelerator, cfg.is_lora)  # checkpoints hold the adapters or the full denoiser
+    if dro is not None:  # … and the lagged copy and the buffer
+        from fastpref.train.dro import register_dro_hooks
+
+        register_dro_hooks(accelerator, dro)
 
     updates_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
     if ref_cache is not None:  # refuse now a run the reference-error cache does not cover
@@ -320,10 +349,12 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
 
     def evaluate(step: int) -> None:
         """Held-out implicit accuracy at fixed noise; a sample grid from fixed prompts and seeds (one
-        column per prompt, one row per seed); the dataset's reward of those samples, when it has one."""
-        if not accelerator.is_main_process:
-            return
-        policy = accelerator.unwrap_model(denoiser)
+        column per prompt, one row per seed); the dataset's reward of those samples, when it has one.
+
+        Every process runs the same forwards, through the prepared (wrapped) denoiser: under FSDP each
+        forward gathers the sharded weights, which every rank must join (process 0 alone would wait
+        forever); under DDP the wrapper's forward may broadcast buffers. Process 0 alone writes."""
+        policy = denoiser
         correct = []
         with torch.no_grad():
             for start in range(0, len(eval_idx), cfg.train_batch_size):
@@ -338,12 +369,18 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
                     ref_err = pair_errors(out.ref["ref_pred"], out.target)
                 else:
                     ref_err = out.ref.get("ref_err", torch.zeros_like(model_err))
+                if "labels" in batch:  # unpaired: does the policy move each image's error the label's way?
+                    sign = 2.0 * batch["labels"].to(model_err) - 1.0
+                    correct.append(sign * (ref_err.float() - model_err))
+                    continue
                 mw, ml = model_err.chunk(2)
                 rw, rl = ref_err.float().chunk(2)
                 correct.append(-((mw - ml) - (rw - rl)))  # the sign of u (β > 0)
             with accelerator.autocast():
                 seeds = [cfg.validation_seed + k for k in range(EVAL_SEEDS) for _ in prompts]
                 images = model.sample(policy, prompts * EVAL_SEEDS, seeds, cfg.num_inference_steps, device)
+        if not accelerator.is_main_process:
+            return
         scored = torch.cat(correct) if correct else torch.empty(0)
         row = {"heldout_accuracy": implicit_accuracy(scored).item() if correct else None,
                "heldout_pairs": int(scored.numel())}
@@ -391,7 +428,7 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
                     out = None
                 else:
                     out = compute_loss(model, denoiser, reference, objective, batch, cfg, accelerator, clip=clip,
-                                       tau=tau, group=group)
+                                       tau=tau, group=group, dro=dro)
                     loss = out.loss
                     pending.append(_stat_means(out))
                     pairs_in_update += out.num_pairs
@@ -408,6 +445,8 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
+            if dro is not None:
+                dro.after_optimizer_step(global_step, accelerator.unwrap_model(denoiser))
             progress.update(1)
             if global_step % cfg.logging_steps == 0 or global_step == cfg.max_train_steps:
                 means = {k: torch.stack([p[k] for p in pending]).mean() for k in (pending[0] if pending else {})}
@@ -449,7 +488,9 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
         if "png" in cfg.report_to.split(","):
             curves = plot_curves(log_dir, os.path.join(cfg.output_dir, "curves.png"))
         say(_summary(cfg, result, curves, time.perf_counter() - t_start))
-    accelerator.end_training()
+    # not accelerator.end_training(): it destroys the process group, and a second train() in the same job
+    # (a sweep, a notebook, a resume test) would find none. The job's entry point destroys it (main()).
+    accelerator.wait_for_everyone()
     return result
 
 
@@ -481,18 +522,7 @@ def _summary(cfg: TrainConfig, result: TrainResult, curves: str | None, seconds:
 def _save_final(denoiser, model: DiffusionModel, cfg: TrainConfig) -> None:
     """LoRA: ``pytorch_lora_weights.safetensors`` in the diffusers format (``pipe.load_lora_weights``);
     full fine-tune: the denoiser folder (``unet/`` or ``transformer/``)."""
-    if cfg.is_lora:
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        if model.family == "unet":
-            from diffusers import StableDiffusionPipeline
-
-            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
-            StableDiffusionPipeline.save_lora_weights(cfg.output_dir, unet_lora_layers=layers)
-        else:  # StableDiffusion3Pipeline / FluxPipeline
-            from fastpref.train.pipelines import save_lora_weights
-
-            save_lora_weights(model, cfg.output_dir, denoiser)
+    if cfg.is_lora:  # the family pipeline's save_lora_weights: its load_lora_weights reads it
+        save_lora_weights(model, denoiser, cfg.output_dir)
     else:
-        denoiser.save_pretrained(os.path.join(cfg.output_dir, "unet" if model.family == "unet" else "transformer"))
+        denoiser.save_pretrained(os.path.join(cfg.output_dir, "unet" if model.family in UNET_FAMILIES else "transformer"))

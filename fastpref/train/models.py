@@ -4,6 +4,8 @@ Three families:
 
 * ``unet`` — ``UNet2DConditionModel`` + CLIP text encoder + DDPM scheduler (SD1.5-style), ε- or
   v-prediction (the scheduler config's ``prediction_type``);
+* ``sdxl`` — the same with SDXL's two CLIP encoders and added conditioning (``addition_embed_type =
+  "text_time"``: pooled text and the per-image size/crop ``time_ids``; :mod:`fastpref.train.sdxl`);
 * ``sd3`` — ``SD3Transformer2DModel`` + CLIP (+ CLIP-2, + T5) encoders + ``FlowMatchEulerDiscreteScheduler``:
   ``x_t = (1 − σ)·x0 + σ·ε`` and the target ``ε − x0`` (rectified flow, the SD3 recipe). SD3.5's
   transformers (``dual_attention_layers``, ``qk_norm="rms_norm"``) are configs of the same class;
@@ -13,9 +15,9 @@ Three families:
 The transformer families sample through their own diffusers pipeline (:mod:`fastpref.train.pipelines`).
 
 A VAE is optional: without one the model works on pixels — that is how
-the embedded tiny models (``fastpref:tiny-unet``, ``fastpref:tiny-unet-v``, ``fastpref:tiny-sd3``,
-``fastpref:tiny-sd35``, ``fastpref:tiny-flux``, built from configs with a fixed seed, nothing downloaded)
-stay fast on a CPU.
+the embedded tiny models (``fastpref:tiny-unet``, ``fastpref:tiny-unet-v``, ``fastpref:tiny-sdxl``,
+``fastpref:tiny-sd3``, ``fastpref:tiny-sd35``, ``fastpref:tiny-flux``, built from configs with a fixed seed,
+nothing downloaded) stay fast on a CPU.
 
 Noising a batch of pairs is :mod:`fastpref.train.noise`; rows are stacked ``[w_0 … w_{B−1}, l_0 … l_{B−1}]``.
 """
@@ -35,8 +37,8 @@ from torch import nn
 
 __all__ = ["DiffusionModel", "load_model", "build_tiny_model", "save_model", "TINY_MODELS"]
 
-TINY_MODELS = ("fastpref:tiny-unet", "fastpref:tiny-unet-v", "fastpref:tiny-sd3", "fastpref:tiny-sd35",
-               "fastpref:tiny-flux")
+TINY_MODELS = ("fastpref:tiny-unet", "fastpref:tiny-unet-v", "fastpref:tiny-sdxl", "fastpref:tiny-sd3",
+               "fastpref:tiny-sd35", "fastpref:tiny-flux")
 SD3_T5_TOKENS = 256  # without a T5 encoder the SD3 pipeline feeds this many zero tokens; training matches it
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]  # the diffusers DPO script's choice (UNets)
 # train_dreambooth_lora_sd3.py's list without its "attn." prefix, so that SD3.5's second attention
@@ -48,7 +50,7 @@ DEFAULT_WEIGHTING_SCHEME = {"sd3": "logit_normal", "flux": "none"}
 
 @dataclass
 class DiffusionModel:
-    family: str  # "unet" | "sd3" | "flux"
+    family: str  # "unet" | "sdxl" | "sd3" | "flux"
     denoiser: nn.Module
     scheduler: object
     tokenizers: list
@@ -108,6 +110,10 @@ class DiffusionModel:
 
         if self.family == "unet":  # SD1.5: last hidden state of the CLIP text encoder
             return {"encoder_hidden_states": self.text_encoders[0](ids(self.tokenizers[0]))[0]}
+        if self.family == "sdxl":
+            from fastpref.train.sdxl import encode_prompts
+
+            return encode_prompts(self.tokenizers, self.text_encoders, prompts, device)
         if self.family == "flux":
             from fastpref.train import flux
 
@@ -127,6 +133,15 @@ class DiffusionModel:
         else:
             t5 = clip.new_zeros(clip.shape[0], SD3_T5_TOKENS, joint)
         return {"encoder_hidden_states": torch.cat([clip, t5], dim=-2), "pooled_projections": torch.cat(pooled, dim=-1)}
+
+    def image_conditioning(self, batch: dict, device) -> dict[str, torch.Tensor]:
+        """Conditioning that depends on the pair's images, not its prompt: SDXL's ``time_ids`` (original
+        size, crop top-left, target size); ``{}`` for the other families."""
+        if self.family != "sdxl":
+            return {}
+        from fastpref.train.sdxl import batch_time_ids
+
+        return {"time_ids": batch_time_ids(batch).to(device)}
 
     # -- latents -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -155,6 +170,10 @@ class DiffusionModel:
         """One forward of ``denoiser`` (the policy, its frozen copy, or the policy with adapters off)."""
         if self.family == "sd3":
             return denoiser(hidden_states=noisy, timestep=timesteps, return_dict=False, **cond)[0]
+        if self.family == "sdxl":
+            added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
+            return denoiser(noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"],
+                            added_cond_kwargs=added, return_dict=False)[0]
         if self.family == "flux":
             from fastpref.train import flux
 
@@ -165,26 +184,11 @@ class DiffusionModel:
     @torch.no_grad()
     def sample(self, denoiser: nn.Module, prompts: list[str], seeds: list[int], num_inference_steps: int, device) -> torch.Tensor:
         """Images in [−1, 1] for ``prompts`` from fixed ``seeds`` (no classifier-free guidance: the
-        tiny models are trained without an empty prompt). DDIM for the DDPM family; the transformer
-        families through their own diffusers pipeline (:func:`fastpref.train.pipelines.sample`)."""
-        if self.family in ("sd3", "flux"):
-            from fastpref.train import pipelines
+        tiny models are trained without an empty prompt), through the family's own diffusers pipeline
+        (:func:`fastpref.train.pipelines.sample`): DDIM for the DDPM families, Euler for flow."""
+        from fastpref.train.pipelines import sample
 
-            return pipelines.sample(self, denoiser, prompts, seeds, num_inference_steps, device)
-        from diffusers import DDIMScheduler
-
-        sched = DDIMScheduler.from_config(self.scheduler.config)
-        sched.set_timesteps(num_inference_steps, device=device)
-        size = self.denoiser.config.sample_size
-        x = torch.stack([
-            torch.randn((self.latent_channels, size, size), generator=torch.Generator().manual_seed(s)) for s in seeds
-        ]).to(device)
-        x = x * getattr(sched, "init_noise_sigma", 1.0)
-        cond = self.encode_prompts(prompts, device)
-        for t in sched.timesteps:
-            pred = self.predict(denoiser, x, t.expand(x.shape[0]).to(device), cond).float()
-            x = sched.step(pred, t, x).prev_sample
-        return self.decode_latents(x).float()
+        return sample(self, denoiser, prompts, seeds, num_inference_steps, device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,10 +245,17 @@ def _load_model(name_or_path: str, revision: str | None) -> DiffusionModel:
         from diffusers import DDPMScheduler, UNet2DConditionModel
 
         unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", **kw)
-        if unet.config.addition_embed_type not in (None, "text"):  # "text" reads encoder_hidden_states only
-            raise ValueError(f"{name_or_path!r}: UNets with added conditioning (SDXL's text_time) are not supported yet; "
-                             "use an SD1.5-style UNet or an SD3-style transformer")
         sched = DDPMScheduler.from_pretrained(name_or_path, subfolder="scheduler", **kw)
+        added = unet.config.addition_embed_type
+        if added == "text_time":  # SDXL: both CLIP encoders, pooled text + size/crop time ids
+            if not (has("text_encoder") and has("text_encoder_2")):
+                raise ValueError(f"{name_or_path!r}: an SDXL UNet needs text_encoder and text_encoder_2 (the SDXL "
+                                 "refiner, with text_encoder_2 only and aesthetic-score time ids, is not supported)")
+            return DiffusionModel("sdxl", unet, sched, [component("tokenizer"), component("tokenizer_2")],
+                                  [component("text_encoder"), component("text_encoder_2")], vae)
+        if added not in (None, "text"):  # "text" reads encoder_hidden_states only
+            raise ValueError(f"{name_or_path!r}: UNets with addition_embed_type={added!r} are not supported; use an "
+                             "SD1.5-style UNet, an SDXL UNet (text_time) or an SD3-style transformer")
         return DiffusionModel("unet", unet, sched, [component("tokenizer")], [component("text_encoder")], vae)
     if has("transformer") and index["transformer"][1] == "SD3Transformer2DModel":
         from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
@@ -278,12 +289,13 @@ def save_model(model: DiffusionModel, folder: str) -> None:
     """Write ``model`` as a diffusers folder (``model_index.json`` + one subfolder per component)."""
     os.makedirs(folder, exist_ok=True)
     parts = {"scheduler": model.scheduler}
-    parts["unet" if model.family == "unet" else "transformer"] = model.denoiser
+    parts["unet" if model.family in ("unet", "sdxl") else "transformer"] = model.denoiser
     suffixes = ["", "_2", "_3"]
     for i, (tok, enc) in enumerate(zip(model.tokenizers, model.text_encoders)):
         parts[f"tokenizer{suffixes[i]}"] = tok
         parts[f"text_encoder{suffixes[i]}"] = enc
-    pipeline = {"unet": "StableDiffusionPipeline", "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+    pipeline = {"unet": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
+                "flux": "FluxPipeline"}
     index = {"_class_name": pipeline[model.family], "vae": [None, None]}
     if model.sample_size is not None:  # a Flux transformer's config has no size: keep a non-default one here
         index[_SAMPLE_SIZE_KEY] = model.sample_size
@@ -359,6 +371,20 @@ def build_tiny_model(name: str = "fastpref:tiny-unet", *, sample_size: int = 16,
             pred = "v_prediction" if name.endswith("-v") else "epsilon"
             sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=pred)
             return DiffusionModel("unet", unet, sched, [_tiny_tokenizer(max_length)], [CLIPTextModel(text_config(32))])
+        if name == "fastpref:tiny-sdxl":
+            # tiny-unet's layout with SDXL's conditioning: the penultimate states of two CLIP encoders side by
+            # side (16 + 16 = cross_attention_dim), and text_time: text_encoder_2's pooled projection (16) and
+            # 6 time ids × 8 Fourier features enter the time embedding (16 + 48 = 64 inputs)
+            unet = UNet2DConditionModel(
+                sample_size=sample_size, in_channels=3, out_channels=3, layers_per_block=1,
+                block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
+                norm_num_groups=16, addition_embed_type="text_time", addition_time_embed_dim=8,
+                projection_class_embeddings_input_dim=16 + 6 * 8,
+            )
+            sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
+            encoders = [CLIPTextModel(text_config(16)), CLIPTextModelWithProjection(text_config(16))]
+            return DiffusionModel("sdxl", unet, sched, [_tiny_tokenizer(max_length) for _ in range(2)], encoders)
         if name == "fastpref:tiny-flux":
             from fastpref.train.flux import build_tiny_flux
 

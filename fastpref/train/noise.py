@@ -68,10 +68,11 @@ def _pairs(pair_indices) -> list[int]:
     return torch.as_tensor(pair_indices).reshape(-1).tolist()
 
 
-def vae_generators(seed: int, pair_indices) -> list[torch.Generator]:
-    """One CPU generator per image of the stacked batch (winners, then losers): ``(seed, pair, j)``."""
+def vae_generators(seed: int, pair_indices, images: int = 2) -> list[torch.Generator]:
+    """One CPU generator per image of the stacked batch (winners, then losers; ``images=1``: the rows of
+    an unpaired batch): ``(seed, pair, j)``."""
     pairs = _pairs(pair_indices)
-    return [torch.Generator().manual_seed(derive_seed(seed, i, j)) for j in (0, 1) for i in pairs]
+    return [torch.Generator().manual_seed(derive_seed(seed, i, j)) for j in range(images) for i in pairs]
 
 
 def draw_noise(scheduler, latent_shape: Sequence[int], pair_indices, epoch: int, seed: int,
@@ -105,15 +106,17 @@ def _is_flow(scheduler) -> bool:
 def add_noise(scheduler, x0: torch.Tensor, noise: torch.Tensor, t_index: torch.Tensor) -> NoisedPairs:
     """Noise the stacked batch ``x0`` (2B, *S) with the pair noise ``(B, *S)`` and timestep indices ``(B,)``
     (shared by winner and loser), in fp32 (fp64 for fp64 latents); the target of the scheduler's
-    prediction type."""
+    prediction type. An unpaired batch, ``x0`` (B, *S), gets one noise and timestep per row."""
     b = noise.shape[0]
-    if x0.shape[0] != 2 * b or x0.shape[1:] != noise.shape[1:]:
-        raise ValueError(f"x0 must be (2·{b}, {tuple(noise.shape[1:])}), got {tuple(x0.shape)}")
+    if x0.shape[0] not in (b, 2 * b) or x0.shape[1:] != noise.shape[1:]:
+        raise ValueError(f"x0 must be (2·{b}, {tuple(noise.shape[1:])}) (pairs) or ({b}, {tuple(noise.shape[1:])}) "
+                         f"(unpaired), got {tuple(x0.shape)}")
+    images = x0.shape[0] // b
     work = torch.float64 if x0.dtype == torch.float64 else torch.float32
     x0 = x0.to(work)
     noise = noise.to(x0.device, work)
-    eps = torch.cat([noise, noise])
-    idx = torch.cat([t_index, t_index]).to(x0.device)
+    eps = torch.cat([noise] * images)
+    idx = torch.cat([t_index] * images).to(x0.device)
     if _is_flow(scheduler):
         fresh = type(scheduler).from_config(scheduler.config)  # sampling may have called set_timesteps on the live one
         sigma = fresh.sigmas.to(x0.device, work)[idx].reshape(-1, *([1] * (x0.dim() - 1)))
@@ -132,5 +135,5 @@ def noise_pairs(model, latents: torch.Tensor, pair_indices, epoch: int, seed: in
     ``model`` is a :class:`~fastpref.train.models.DiffusionModel` (scheduler, weighting scheme)."""
     noise, t_index = draw_noise(model.scheduler, latents.shape[1:], pair_indices, epoch, seed,
                                 model.weighting_scheme, logit_mean=model.logit_mean, logit_std=model.logit_std,
-                                mode_scale=model.mode_scale)
+                                mode_scale=model.mode_scale)  # one per row: a pair's, or an unpaired image's
     return add_noise(model.scheduler, latents, noise, t_index)

@@ -4,11 +4,16 @@ A loss is registered only when this fastpref provides it (``hasattr(fastpref, ..
 choices are exactly the losses that can run. Reference-free losses (MaPO, ORPO) set
 ``needs_reference=False``: the loop then builds no reference model at all.
 
+Every objective takes ``group=``, the process group of the training step, which the loop passes
+(``None`` on one process and in the held-out evaluation): KTO's reference point z and RPO's weight
+matrix span the global batch over it; the per-pair losses ignore it (DDP averages their gradients).
 ``rpo`` and ``orrpo`` (``needs_clip=True``) also take each pair's CLIP embeddings (``win_emb``,
-``lose_emb``, :mod:`fastpref.train.clip_embed`), τ, and the process group over which their weight matrix
-spans the global batch.
+``lose_emb``, :mod:`fastpref.train.clip_embed`) and τ. ``kto`` (``unpaired=True``) also takes
+``labels=`` (``(N,)``, 1 = desirable) for a batch of unpaired samples (:mod:`fastpref.train.unpaired`).
 
-Not registered: ``dro_loss`` (see :data:`UNAVAILABLE`).
+``dro`` ranks an expert half above an online half that the loop builds with
+:class:`fastpref.train.dro.DROSampler` (the lagged policy's sampling trajectories); its target is
+``(2B, *S)``: fresh-noise targets for the experts, the lagged policy's predictions for the online states.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ __all__ = ["Objective", "OBJECTIVES", "UNAVAILABLE", "get_objective", "loss_choi
 
 @dataclass(frozen=True)
 class Objective:
-    """How the loop calls one loss: ``call(model_pred, ref, target, cfg) -> (loss, stats)``.
+    """How the loop calls one loss: ``call(model_pred, ref, target, cfg, group=None) -> (loss, stats)``.
 
     ``ref`` is the reference mode's keyword dict (``{"ref_pred": …}``, ``{"ref_err": …}`` or ``{}``).
     ``target`` may be ``(B, *S)`` (shared by each pair) or ``(2B, *S)``.
@@ -35,7 +40,8 @@ class Objective:
     call: Callable
     needs_reference: bool = True
     doc: str = ""
-    needs_clip: bool = False  # call(..., win_emb=, lose_emb=, tau=, group=)
+    needs_clip: bool = False  # call(..., win_emb=, lose_emb=, tau=)
+    unpaired: bool = False  # call(..., labels=): trains on unpaired samples (KTO)
 
 
 def _beta(cfg) -> dict:
@@ -51,14 +57,14 @@ IPO_DEFAULT_BETA = 0.1
 def _dpo(kind: str):
     default = {"beta": IPO_DEFAULT_BETA} if kind == "ipo" else {}
 
-    def call(model_pred, ref, target, cfg):
+    def call(model_pred, ref, target, cfg, group=None):
         return fastpref.dpo_loss(model_pred, target=target, kind=kind, return_stats=True, **ref,
                                  **{**default, **_beta(cfg)})  # fmt: skip
 
     return call
 
 
-def _dmpo(model_pred, ref, target, cfg):
+def _dmpo(model_pred, ref, target, cfg, group=None):
     return fastpref.dmpo_loss(model_pred, target=target, alpha=cfg.alpha, return_stats=True, **ref, **_beta(cfg))
 
 
@@ -67,33 +73,29 @@ def _full_target(model_pred, target):
     return target if target.shape[0] == model_pred.shape[0] else torch.cat([target, target])
 
 
-def _mapo(model_pred, ref, target, cfg):
+def _mapo(model_pred, ref, target, cfg, group=None):
     return fastpref.mapo_loss(model_pred, _full_target(model_pred, target), return_stats=True, **_beta(cfg))
 
 
-def _orpo(model_pred, ref, target, cfg):
+def _orpo(model_pred, ref, target, cfg, group=None):
     return fastpref.orpo_loss(model_pred, _full_target(model_pred, target), return_stats=True, **_beta(cfg))
 
 
-def _training_group(model_pred):
-    """The process group of a multi-process training step, else ``None``. Only a prediction that
-    carries a graph is a training step, which every process runs together; the held-out evaluation
-    (process 0 alone, under ``no_grad``) must not wait for the others in a collective."""
-    import torch.distributed as dist
+def _kto(model_pred, ref, target, cfg, group=None, labels=None):
+    # Unpaired samples with their labels (1 desirable, 0 undesirable), or paired data read as unpaired:
+    # winners desirable, losers undesirable. With group=, the reference point z is the mean over every
+    # process's samples, as in the diffusion-kto training script.
+    if labels is None:
+        b = model_pred.shape[0] // 2
+        labels = torch.cat([torch.ones(b), torch.zeros(b)])
+    return fastpref.kto_loss(model_pred, ref.get("ref_pred"), _full_target(model_pred, target),
+                             labels.to(model_pred.device), ref_err=ref.get("ref_err"), group=group,
+                             return_stats=True, **_beta(cfg))
 
-    if model_pred.requires_grad and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist.group.WORLD
-    return None
 
-
-def _kto(model_pred, ref, target, cfg):
-    # Paired data read as unpaired: winners desirable (1), losers undesirable (0). The reference point
-    # z is the mean over every process's samples, as in the diffusion-kto training script.
-    b = model_pred.shape[0] // 2
-    labels = torch.cat([torch.ones(b), torch.zeros(b)]).to(model_pred.device)
-    return fastpref.kto_loss(model_pred, ref.get("ref_pred"), _full_target(model_pred, target), labels,
-                             ref_err=ref.get("ref_err"), group=_training_group(model_pred), return_stats=True,
-                             **_beta(cfg))
+def _dro(model_pred, ref, target, cfg, group=None):
+    # rows [0, B): the experts (the pairs' preferred images), rows [B, 2B): the online trajectory states
+    return fastpref.dro_loss(model_pred, target=target, margin=cfg.dro_margin, return_stats=True, **ref)
 
 
 def _build() -> dict[str, Objective]:
@@ -104,9 +106,11 @@ def _build() -> dict[str, Objective]:
         ("dmpo", "dmpo_loss", _dmpo, True, "DMPO, KL(Bern σ(u) ‖ Bern(1 − α))"),
         ("mapo", "mapo_loss", _mapo, False, "MaPO, reference-free"),
         ("orpo", "orpo_loss", _orpo, False, "ORPO, reference-free"),
-        ("kto", "kto_loss", _kto, True, "Diffusion-KTO on pairs read as unpaired labels"),
+        ("kto", "kto_loss", _kto, True, "Diffusion-KTO: unpaired labelled samples, or pairs read as two"),
+        ("dro", "dro_loss", _dro, True, "Diffusion-DRO, online negatives"),
     ]
-    return {name: Objective(name, call, ref, doc) for name, fn, call, ref, doc in table if hasattr(fastpref, fn)}
+    return {name: Objective(name, call, ref, doc, unpaired=name == "kto") for name, fn, call, ref, doc in table
+            if hasattr(fastpref, fn)}
 
 
 OBJECTIVES: dict[str, Objective] = _build()
@@ -123,13 +127,13 @@ def _global_share(loss, group):
     return loss * dist.get_world_size(group)
 
 
-def _rpo(model_pred, ref, target, cfg, *, win_emb, lose_emb, tau, group=None):
+def _rpo(model_pred, ref, target, cfg, group=None, *, win_emb, lose_emb, tau):
     loss, stats = fastpref.rpo_loss(model_pred, target=target, win_emb=win_emb, lose_emb=lose_emb, tau=tau,
                                     group=group, return_stats=True, **ref, **_beta(cfg))  # fmt: skip
     return _global_share(loss, group), stats
 
 
-def _orrpo(model_pred, ref, target, cfg, *, win_emb, lose_emb, tau, group=None):
+def _orrpo(model_pred, ref, target, cfg, group=None, *, win_emb, lose_emb, tau):
     loss, stats = fastpref.orpo_loss(model_pred, _full_target(model_pred, target), win_emb=win_emb, lose_emb=lose_emb,
                                      tau=tau, group=group, return_stats=True, **_beta(cfg))  # fmt: skip
     return _global_share(loss, group), stats
@@ -139,12 +143,7 @@ OBJECTIVES["rpo"] = Objective("rpo", _rpo, True, "Diffusion-RPO, CLIP-weighted o
 OBJECTIVES["orrpo"] = Objective("orrpo", _orrpo, False, "Diffusion-ORRPO, reference-free, CLIP-weighted", True)
 
 #: losses of fastpref the trainer does not run yet, and why
-UNAVAILABLE = {
-    "dro": "--loss dro is not available yet: Diffusion-DRO's online half is the lagged policy's own sampling "
-    "trajectory (a copy of the policy refreshed every few steps, its states x_t with its own noise predictions "
-    "as targets), and that online sampling recipe is not implemented in the trainer; use fastpref.dro_loss in "
-    "your own loop",
-}
+UNAVAILABLE: dict[str, str] = {}
 
 
 def loss_choices_error(name) -> str:

@@ -144,6 +144,8 @@ CHANGES = {  # what changes → (latents fields, reference fields) that must dif
     "dataset": (lambda m, d: _fingerprints(m, SyntheticPreferences(6, 16, seed=SEED + 1)), {"dataset"}, {"latents"}),
     "resolution": (lambda m, d: _fingerprints(m, SyntheticPreferences(6, 8, seed=SEED)), {"resolution"}, {"latents"}),
     "rows": (lambda m, d: _fingerprints(m, d, rows=range(5)), {"rows"}, {"latents"}),
+    "image transform": (lambda m, d: _fingerprints(m, SyntheticPreferences(6, 16, seed=SEED, random_flip=True)),
+                        {"image_transform"}, {"latents"}),
     "vae": (lambda m, d: (_perturb(m.vae), _fingerprints(m, d))[1], {"vae"}, {"latents"}),
     "text encoder": (lambda m, d: (_perturb(m.text_encoders[0]), _fingerprints(m, d))[1], {"text"}, {"latents"}),
     "tokenizer": (lambda m, d: (setattr(m.tokenizers[0], "model_max_length", 8), _fingerprints(m, d))[1], {"text"},

@@ -1,9 +1,9 @@
 """Distributed correctness: one job of 2 processes × B pairs trains exactly what 1 process × 2B pairs
-trains (dpo, dmpo, kto), to within fp32 summation order.
+trains (dpo, dmpo, kto; kto on unpaired images too), to within fp32 summation order.
 
-One ``torchrun --nproc_per_node 2`` (gloo on the CPU) trains the three losses in sequence
-(tests/train/_distributed_worker.py); the test process trains them with 2B pairs per batch. Which
-process writes what is tested in test_launch.py.
+One ``torchrun --nproc_per_node 2`` (gloo on the CPU) trains the runs in sequence, each a ``train()``
+call in the same job (tests/train/_distributed_worker.py); the test process trains them with 2B pairs
+per batch. Which process writes what is tested in test_launch.py and test_distributed_resume.py.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def test_two_processes_train_what_one_process_trains_on_the_global_batch(tmp_pat
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     worker.train_all(str(one), 2 * worker.PAIRS_PER_PROCESS)
 
-    for loss in worker.RUNS:
+    for loss in worker.RUNS:  # a run's name (its loss, or kto_unpaired)
         cfg = worker.config(loss, "", 1)
         rows2, rows1 = _rows(two / loss), _rows(one / loss)
         assert [int(r["step"]) for r in rows2] == [int(r["step"]) for r in rows1] == list(range(1, worker.STEPS + 1))
@@ -88,7 +88,7 @@ def test_two_processes_train_what_one_process_trains_on_the_global_batch(tmp_pat
             moved = max(moved, max(v.abs().max().item() for k, v in w1.items() if "lora_B" in k))
         assert moved > 100 * atol, f"{loss}: the weights hardly moved ({moved:.2e}); the comparison would not bite"
 
-        if loss == "kto":
+        if cfg.loss == "kto":
             dz = 8 * EPS32 * e_max
             z1 = json.loads((one / loss / "z-0.json").read_text())["z"]
             last = str(worker.STEPS)

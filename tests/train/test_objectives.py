@@ -12,7 +12,7 @@ from _pairs import make_pairs
 import fastpref
 from fastpref.train.objectives import OBJECTIVES, get_objective
 
-CFG = SimpleNamespace(beta=7.0, alpha=0.2)  # non-default values: a flag that is not forwarded shows
+CFG = SimpleNamespace(beta=7.0, alpha=0.2, dro_margin=0.3)  # non-default values: a flag that is not forwarded shows
 EXPECTED = {
     "dpo": lambda m, r, t: fastpref.dpo_loss(m, r, t, beta=7.0),
     "dpo_hinge": lambda m, r, t: fastpref.dpo_loss(m, r, t, beta=7.0, kind="hinge"),
@@ -21,6 +21,7 @@ EXPECTED = {
     "mapo": lambda m, r, t: fastpref.mapo_loss(m, torch.cat([t, t]), beta=7.0),
     "orpo": lambda m, r, t: fastpref.orpo_loss(m, torch.cat([t, t]), beta=7.0),
     "kto": lambda m, r, t: fastpref.kto_loss(m, r, torch.cat([t, t]), torch.tensor([1, 1, 1, 0, 0, 0]), beta=7.0),
+    "dro": lambda m, r, t: fastpref.dro_loss(m, r, t, margin=0.3),
 }
 # the CLIP-weighted losses also take the pair embeddings and τ (the trainer computes them per batch)
 CLIP_EXPECTED = {

@@ -18,7 +18,7 @@ import torch
 import fastpref
 from fastpref.reference import pair_errors
 from fastpref.train import compute_loss, train
-from fastpref.train.cache import precompute
+from fastpref.train.cache import collate_cached, encode, precompute
 from fastpref.train.data import SyntheticPreferences, collate_pairs
 from fastpref.train.models import build_tiny_model
 from fastpref.train.noise import noise_pairs
@@ -46,8 +46,8 @@ def _double(model):
 
 def _fp64_objective(loss: str) -> Objective:
     fn = {"dpo": fastpref.dpo_loss, "dmpo": fastpref.dmpo_loss}[loss]
-    return Objective(loss, lambda pred, ref, target, cfg: (fn(pred, target=target, beta=cfg.beta, backend="torch",
-                                                               **ref), None))
+    return Objective(loss, lambda pred, ref, target, cfg, group=None: (
+        fn(pred, target=target, beta=cfg.beta, backend="torch", **ref), None))
 
 
 class DoublePairs(SyntheticPreferences):
@@ -56,14 +56,17 @@ class DoublePairs(SyntheticPreferences):
         return {**item, "pixel_values": item["pixel_values"].double()}
 
 
-@pytest.mark.parametrize("name", ["fastpref:tiny-unet", "fastpref:tiny-sd3", "fastpref:tiny-sd35", "fastpref:tiny-flux"])
+@pytest.mark.parametrize("name", ["fastpref:tiny-unet", "fastpref:tiny-sdxl", "fastpref:tiny-sd3", "fastpref:tiny-sd35",
+                                  "fastpref:tiny-flux"])
 def test_every_mode_gives_the_same_loss_and_gradient(tmp_path, tiny, run_config, cpu_accelerator, name):
     model = _double(tiny(name, lora=4, lora_b=0.1))
     data = DoublePairs(6, 8, seed=SEED)
-    _, cache = precompute(model, data, range(6), seed=SEED, device="cpu", ref_path=tmp_path / "ref.safetensors",
-                          epochs=2, dtype=torch.float64, batch_size=4, progress=False)
+    latents, cache = precompute(model, data, range(6), seed=SEED, device="cpu", ref_path=tmp_path / "ref.safetensors",
+                                latents_path=tmp_path / "latents.safetensors", epochs=2, dtype=torch.float64,
+                                batch_size=4, progress=False)
     batch = collate_pairs([data[i] for i in BATCH])
     batch["epoch"] = EPOCH
+    cached = {**collate_cached([latents[i] for i in BATCH]), "epoch": EPOCH}  # --cache_latents: the same batch
     lora = [p for p in model.denoiser.parameters() if p.requires_grad]
     modes = {name: make_reference(name, model, cache=cache) for name in ("adapter_off", "batched", "copy", "cache")}
     assert set(modes) | {"none"} == set(REFERENCE_MODES)
@@ -80,10 +83,11 @@ def test_every_mode_gives_the_same_loss_and_gradient(tmp_path, tiny, run_config,
         cfg = run_config(seed=SEED, beta=beta, loss=loss)
         results = {}
         for mode_name, mode in modes.items():
-            out = compute_loss(model, model.denoiser, mode, _fp64_objective(loss), batch, cfg, cpu_accelerator)
-            assert set(out.ref) == ({"ref_err"} if mode_name == "cache" else {"ref_pred"})
-            assert not any(v.requires_grad for v in out.ref.values())
-            results[mode_name] = (out.loss.detach(), torch.autograd.grad(out.loss, lora))
+            for source, b in (("", batch), (" + cache_latents", cached)):
+                out = compute_loss(model, model.denoiser, mode, _fp64_objective(loss), b, cfg, cpu_accelerator)
+                assert set(out.ref) == ({"ref_err"} if mode_name == "cache" else {"ref_pred"})
+                assert not any(v.requires_grad for v in out.ref.values())
+                results[mode_name + source] = (out.loss.detach(), torch.autograd.grad(out.loss, lora))
         want_loss, want_grads = results["adapter_off"]
         assert abs(want_loss.item() - torch.log(torch.tensor(2.0)).item()) > 1e-3  # u ≠ 0: a real comparison
         for mode_name, (got_loss, grads) in results.items():
@@ -98,14 +102,13 @@ def test_every_mode_gives_the_same_loss_and_gradient(tmp_path, tiny, run_config,
     torch.testing.assert_close(none.model_pred, base.model_pred, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ["fastpref:tiny-unet", "fastpref:tiny-sd3", "fastpref:tiny-sd35", "fastpref:tiny-flux"])
+@pytest.mark.parametrize("name", ["fastpref:tiny-unet", "fastpref:tiny-sdxl", "fastpref:tiny-sd3", "fastpref:tiny-sd35",
+                                  "fastpref:tiny-flux"])
 def test_batched_rows_equal_two_calls_in_fp32(tiny, name):
     model = tiny(name, lora=4, lora_b=0.1)
     data = SyntheticPreferences(4, 8)
-    x0 = torch.cat([torch.stack([data[i]["pixel_values"][j] for i in range(4)]) for j in (0, 1)])
+    x0, cond = encode(model, collate_pairs([data[i] for i in range(4)]), SEED, "cpu")  # SDXL: + time ids
     noised = noise_pairs(model, x0, range(4), 0, SEED)
-    captions = [data[i]["caption"] for i in range(4)]
-    cond = {k: torch.cat([v, v]) for k, v in model.encode_prompts(captions, "cpu").items()}
     model_pred, ref_pred = batched_policy_and_reference(model, model.denoiser, noised, cond)
     with torch.no_grad():
         want_policy = model.predict(model.denoiser, noised.noisy, noised.timesteps, cond)

@@ -74,7 +74,7 @@ def test_a_few_steps_train_the_policy_only(tmp_path, model_name, loss, rank):
         assert all(torch.equal(base_before[k], base_after[k]) for k in base_before)
         assert os.path.isfile(os.path.join(cfg.output_dir, "pytorch_lora_weights.safetensors"))
     else:
-        folder = "unet" if model.family == "unet" else "transformer"
+        folder = "transformer" if model.family == "sd3" else "unet"
         assert os.path.isfile(os.path.join(cfg.output_dir, folder, "config.json"))
 
 
