@@ -50,7 +50,7 @@ def _corr(a, b):
     return torch.corrcoef(torch.stack([a, b]))[0, 1].item()
 
 
-@pytest.mark.parametrize("name", ["fastpref:tiny-unet", "fastpref:tiny-unet-v", "fastpref:tiny-sd3"])
+@pytest.mark.parametrize("name", ["fastpref:tiny-unet", "fastpref:tiny-unet-v", "fastpref:tiny-sd3", "fastpref:tiny-flux"])
 def test_online_half_is_the_lagged_trajectory_and_the_expert_gets_fresh_noise(name):
     torch.manual_seed(11)
     model = tiny_model(name)

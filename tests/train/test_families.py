@@ -115,9 +115,10 @@ def test_pipeline_sampling_is_euler_through_the_training_prediction(tiny, name, 
 @pytest.mark.parametrize("name", ["fastpref:tiny-sd35", "fastpref:tiny-flux"])
 def test_lora_file_loads_into_a_fresh_family_pipeline(tmp_path, run_config, name):
     """Train, then ``Pipeline.from_pretrained(base).load_lora_weights(output_dir)``: its transformer predicts
-    what the trained policy predicts, and not what the base model does."""
+    what the trained policy predicts (LoRA scale included), and not what the base model does."""
     policy = build_tiny_model(name)
-    cfg = run_config(pretrained_model_name_or_path=name, max_train_steps=2, learning_rate=5e-2)
+    # α ≠ rank: the LoRA scale α/r (2) must travel with the file (its metadata) for the load to match
+    cfg = run_config(pretrained_model_name_or_path=name, max_train_steps=2, learning_rate=5e-2, lora_alpha=8)
     train(cfg, model=policy)
     assert os.path.isfile(os.path.join(cfg.output_dir, "pytorch_lora_weights.safetensors"))
 
