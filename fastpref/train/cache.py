@@ -41,8 +41,8 @@ __all__ = ["LATENTS_FORMAT", "REF_ERR_FORMAT", "module_fingerprint", "files_fing
            "reference_fingerprint", "encode", "LatentCache", "collate_cached", "RefErrorCache", "precompute",
            "epochs_needed", "latent_cache_for_run", "ref_cache_for_run", "main"]
 
-LATENTS_FORMAT = "fastpref-latents-v2"
-REF_ERR_FORMAT = "fastpref-ref-err-v2"
+LATENTS_FORMAT = "fastpref-latents-v3"
+REF_ERR_FORMAT = "fastpref-ref-err-v3"
 _KIND, _FINGERPRINT = "fastpref.kind", "fastpref.fingerprint"
 
 
@@ -203,7 +203,7 @@ def encode(model, batch: dict, seed: int, device) -> tuple[torch.Tensor, dict[st
     """The stacked latents ``(2B, C, h, w)`` (winners, then losers) and conditioning ``{name: (2B, …)}``
     of a batch: read from ``batch["latents"]``/``batch["cond"]`` (a latent-cache batch,
     :func:`collate_cached`), else the VAE (posterior sample of row i, image j drawn with
-    ``(seed, i, j)``), the text encoders and the images' own conditioning (SDXL's time ids). An unpaired
+    ``(seed, i, j, −2)``), the text encoders and the images' own conditioning (SDXL's time ids). An unpaired
     batch (one image per row) gives ``(B, …)``."""
     if "latents" in batch:  # --cache_latents: no VAE, no text encoder
         rows = batch["latents"].to(device)  # (B, images, C, h, w)

@@ -378,7 +378,9 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
                 correct.append(-((mw - ml) - (rw - rl)))  # the sign of u (β > 0)
             with accelerator.autocast():
                 seeds = [cfg.validation_seed + k for k in range(EVAL_SEEDS) for _ in prompts]
-                images = model.sample(policy, prompts * EVAL_SEEDS, seeds, cfg.num_inference_steps, device)
+                # the family's diffusers pipeline reads the module's .config: the DDP wrapper has none
+                images = model.sample(accelerator.unwrap_model(policy), prompts * EVAL_SEEDS, seeds,
+                                      cfg.num_inference_steps, device)
         if not accelerator.is_main_process:
             return
         scored = torch.cat(correct) if correct else torch.empty(0)
