@@ -216,3 +216,33 @@ def test_more_sampling_steps_than_training_timesteps_are_refused():
     model = tiny_model()
     with pytest.raises(ValueError, match="--dro_num_inference_steps must be at most the scheduler's 1000"):
         DROSampler(model, model.denoiser, seed=0, buffer_size=2, num_inference_steps=1001, refresh_steps=1)
+
+
+def test_the_reference_modes_agree_on_both_halves(cpu_accelerator):
+    """copy, adapter_off and batched give the same DRO loss and errors on the same draws (the reference
+    runs on the online half too); the online reference error is the base model's, not zero."""
+    from fastpref.train.data import build_dataset, collate_pairs
+    from fastpref.train.loop import compute_loss
+    from fastpref.train.objectives import get_objective
+    from fastpref.train.reference import make_reference
+
+    data = build_dataset("synthetic", resolution=8, synthetic_size=6, seed=0)
+    batch = collate_pairs([data[i] for i in (1, 4)])
+    cfg = TrainConfig(loss="dro", seed=2)
+    out = {}
+    for mode in ("copy", "adapter_off", "batched"):
+        model = tiny_model(lora=2, lora_b=0.2)
+        sampler = DROSampler(model, model.denoiser, seed=2, buffer_size=4, num_inference_steps=STEPS, refresh_steps=1)
+        with torch.no_grad():  # the policy one update ahead of its lagged copy
+            for n, p in model.denoiser.named_parameters():
+                if "lora_B" in n:
+                    p.add_(0.05)
+        step = compute_loss(model, model.denoiser, make_reference(mode, model), get_objective("dro"), batch, cfg,
+                            cpu_accelerator, dro=sampler)
+        st = step.stats
+        out[mode] = (step.loss.detach(), st.model_err_win, st.model_err_lose, st.ref_err_win, st.ref_err_lose)
+    for mode in ("adapter_off", "batched"):
+        for got, want in zip(out[mode], out["copy"]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    _, _, model_online, _, ref_online = out["copy"]
+    assert (ref_online > 0).all() and not torch.allclose(ref_online, model_online)
