@@ -78,7 +78,8 @@ def _is_flow(model) -> bool:
     return model.family != "unet"
 
 
-def trajectory_timesteps(num_train_timesteps: int, num_inference_steps: int, generator: torch.Generator) -> torch.Tensor:
+def trajectory_timesteps(num_train_timesteps: int, num_inference_steps: int,
+                         generator: torch.Generator) -> torch.Tensor:
     """The authors' perturbed grid ``(T,)``, descending: ``(T − 1 − k)·⌊N/T⌋ + r``, r ∈ [0, ⌊N/T⌋)."""
     ratio = num_train_timesteps // num_inference_steps
     r = torch.randint(0, ratio, (1,), generator=generator)
@@ -255,7 +256,8 @@ class DROSampler:
             save_file({n: lagged[n].detach().contiguous() for n in self._trained},
                       os.path.join(folder, "dro_lagged.safetensors"), metadata={"refreshed_at": str(self.refreshed_at)})
         save_file({k: v.contiguous() for k, v in self.buffer.items()},
-                  os.path.join(folder, f"dro_buffer_{self.process_index}.safetensors"), metadata={"draws": str(self.draws)})
+                  os.path.join(folder, f"dro_buffer_{self.process_index}.safetensors"),
+                  metadata={"draws": str(self.draws)})
 
     @torch.no_grad()
     def load(self, folder: str) -> None:

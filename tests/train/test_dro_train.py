@@ -93,7 +93,8 @@ def test_online_half_is_the_lagged_trajectory_and_the_expert_gets_fresh_noise(na
     assert torch.equal(expert_t, online_t)  # only t is shared
     for j in range(b):
         # online row j: a stored state, its lagged prediction as the target, its t
-        hits = [(e, k) for e in range(b) for k in range(STEPS) if torch.equal(noised.noisy[b + j], sampler.buffer["states"][e, k])]
+        stored = sampler.buffer["states"]
+        hits = [(e, k) for e in range(b) for k in range(STEPS) if torch.equal(noised.noisy[b + j], stored[e, k])]
         assert len(hits) == 1, "the online half must be states of the lagged trajectories"
         e, k = hits[0]
         x_T, states, preds, t_used, sigmas = direct[e]
@@ -147,7 +148,8 @@ def test_the_lagged_copy_refreshes_exactly_every_n_steps():
 def test_the_loop_refreshes_after_every_nth_optimizer_step(tmp_path, monkeypatch):
     seen = []
     original = DROSampler.refresh
-    monkeypatch.setattr(DROSampler, "refresh", lambda self, policy, step: (seen.append(step), original(self, policy, step)))
+    monkeypatch.setattr(DROSampler, "refresh",
+                        lambda self, policy, step: (seen.append(step), original(self, policy, step)))
     cfg = run_config(tmp_path, loss="dro", lora_rank=0, max_train_steps=4, gradient_accumulation_steps=2,
                      dro_refresh_steps=2, dro_num_inference_steps=STEPS, synthetic_size=12)
     train(cfg, model=tiny_model())
@@ -204,7 +206,8 @@ def test_bad_dro_flags_are_refused(argv, match):
 
 def test_dro_flags_from_toml_and_their_defaults(tmp_path):
     cfg = parse_args(["--loss", "dro", "--output_dir", "unused"])
-    assert (cfg.dro_margin, cfg.dro_refresh_steps, cfg.dro_buffer_size, cfg.dro_num_inference_steps) == (0.001, 1, 4, 20)
+    flags = (cfg.dro_margin, cfg.dro_refresh_steps, cfg.dro_buffer_size, cfg.dro_num_inference_steps)
+    assert flags == (0.001, 1, 4, 20)
     toml = tmp_path / "run.toml"
     toml.write_text('loss = "dro"\ndro_refresh_steps = 5\ndro_buffer_size = 8\ndro_margin = 0\n')
     cfg = parse_args(["--config", str(toml), "--dro_num_inference_steps", "10", "--output_dir", "unused"])
