@@ -13,7 +13,9 @@ ratios, and the load average printed with them, not the absolute times.
 ``--threads 1,2`` interleaves thread counts as well: inside every round each provider runs at each
 count (``torch.set_num_threads``) in turn, and a second table gives the scaling, wall time at the
 first count over wall time at each other one, per provider. ``tiny`` (4 pairs of 4×8×8 latents) is
-the per-call overhead: the Python front end, the dispatcher and autograd, almost no data.
+the per-call overhead: the Python front end, the dispatcher and autograd, almost no data. ``--op``
+adds the provider ``op``: the same forward and backward kernels called through ``torch.ops`` with
+no front end and no autograd, so ``fastpref`` − ``op`` is what the Python layers and autograd cost.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 
 import fastpref
 from fastpref import reference
+from fastpref.ops.family import LOSS_IDS, REDUCTION_IDS, kernel_scalars
 
 #: name → (sample shape, pairs); the issue's three cases and the CPU sweep's larger ones
 SHAPES = {
@@ -64,7 +67,7 @@ def _timed(fn):
     return time.perf_counter() - w, time.process_time() - c
 
 
-def run_case(name, dtype_name, rounds, log=print, threads=(1,)):
+def run_case(name, dtype_name, rounds, log=print, threads=(1,), op=False):
     """Time the providers on one case, interleaved in every round (and over ``threads``); returns one
     row per thread count (medians over rounds) and logs each."""
     shape, pairs = SHAPES[name]
@@ -83,6 +86,16 @@ def run_case(name, dtype_name, rounds, log=print, threads=(1,)):
         return go
 
     providers = {"copy": lambda: dst.copy_(src), "compile": step(compiled), "fastpref": step(_fastpref)}
+    if op:  # the kernels alone: forward + backward through torch.ops, no front end, no autograd
+        detached, upstream = model.detach(), torch.ones(())
+        scalars = kernel_scalars("dmpo", beta=5000.0, alpha=0.01)
+        ids = LOSS_IDS["dmpo"], REDUCTION_IDS["mean"]
+
+        def op_only():
+            out = torch.ops.fastpref.pair_loss_fwd(detached, ref, target, None, ids[0], *scalars, ids[1])
+            torch.ops.fastpref.pair_loss_bwd(upstream, detached, target, out[3], ids[1])
+
+        providers["op"] = op_only
     for th in threads:  # warm-up: compile, build, first-touch, each thread count's pool
         torch.set_num_threads(th)
         for fn in providers.values():
@@ -131,17 +144,21 @@ def main(argv=None) -> int:
     p.add_argument("--threads", default="1", help="torch threads, or a comma-separated list to interleave (1,2)")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--cases", default=DEFAULT, help=f"comma-separated name:dtype, names {sorted(SHAPES)}")
+    p.add_argument("--op", action="store_true", help="also time the op's kernels alone (no front end, no autograd)")
     args = p.parse_args(argv)
     threads = tuple(int(t) for t in args.threads.split(","))
     print(f"# thread counts {threads}, torch {torch.__version__}, load average {os.getloadavg()}")
     cols = ["case", "threads", "MiB moved", "copy ms", "compile ms", "fastpref ms", "copy CPU ms", "compile CPU ms",
             "fastpref CPU ms", "% copy BW", "% copy BW (CPU time)", "vs compile", "vs compile (CPU time)", "load"]  # fmt: skip
+    if args.op:
+        cols[6:6] = ["op ms"]
+        cols[10:10] = ["op CPU ms"]
     print("| " + " | ".join(cols) + " |\n|" + " --- |" * len(cols))
     rows = []
     for spec in args.cases.split(","):
         name, dtype_name = spec.split(":")
         rows.append(run_case(name, dtype_name, args.rounds, log=lambda line: print(f"| {line} |", flush=True),
-                             threads=threads))  # fmt: skip
+                             threads=threads, op=args.op))  # fmt: skip
     if len(threads) > 1:
         print("\nScaling, wall time at the first thread count / at the other:\n")
         print("| case | threads | copy | compile | fastpref | load |\n|" + " --- |" * 6)

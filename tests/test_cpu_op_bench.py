@@ -37,8 +37,12 @@ def test_rounds_interleave_thread_counts(eager_compile, monkeypatch):
 
 
 def test_main_prints_both_tables(eager_compile, capsys):
-    assert cpu_op.main(["--threads", "1,2", "--rounds", "1", "--cases", "tiny:bf16"]) == 0
+    assert cpu_op.main(["--threads", "1,2", "--rounds", "1", "--cases", "tiny:bf16", "--op"]) == 0
     out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("| case | threads |"))
+    row = next(line for line in out.splitlines() if line.startswith("| tiny bf16 | 1 |"))
+    assert header.count("|") == row.count("|")  # one column per value, the op's included
+    assert "| fastpref ms | op ms |" in header and "| fastpref CPU ms | op CPU ms |" in header
     assert "| tiny bf16 | 1 |" in out and "| tiny bf16 | 2 |" in out
     assert "Scaling" in out and "| tiny bf16 | 1 → 2 |" in out
     assert "load average" in out
