@@ -140,10 +140,21 @@ def reference_fingerprint(model, latents: Mapping[str, str], seed: int, dtype: t
         "latents": _sha256(dict(latents)),
         "model": module_fingerprint(model.denoiser, dtype),
         "scheduler": _config_fingerprint(model.scheduler.config),
-        "timestep_sampling": model.weighting_scheme if flow else "uniform",
+        "timestep_sampling": _timestep_sampling(model) if flow else "uniform",
         "seed": str(int(seed)),
         "precision": str(dtype).replace("torch.", ""),
     }
+
+
+def _timestep_sampling(model) -> str:
+    """The flow-matching timestep density with the parameters it reads, and Flux's guidance value (an
+    input of the reference's prediction) when the transformer has the embedding."""
+    scheme = model.weighting_scheme
+    text = {"logit_normal": f"logit_normal(mean={model.logit_mean}, std={model.logit_std})",
+            "mode": f"mode(scale={model.mode_scale})"}.get(scheme, scheme)
+    if getattr(model.denoiser.config, "guidance_embeds", False):
+        text += f", guidance={model.guidance_scale}"
+    return text
 
 
 def _check(stored: Mapping[str, str], expected: Mapping[str, str], path, what: str, fix: str) -> None:
@@ -482,7 +493,7 @@ def _precompute_for_run(args) -> None:
                          "warm-up; precompute with --pretrained_model_name_or_path OUTPUT_DIR/sft_model --sft_steps 0")
     if args.epochs is not None and args.epochs < 1:
         raise ValueError(f"--epochs must be an integer ≥ 1, got {args.epochs}")
-    model = load_model(cfg.pretrained_model_name_or_path, revision=cfg.revision, weighting_scheme=cfg.weighting_scheme)
+    model = load_model(cfg.pretrained_model_name_or_path, revision=cfg.revision, **cfg.model_options())
     dataset = build_dataset(cfg.dataset, resolution=cfg.resolution or 0, synthetic_size=cfg.synthetic_size,
                             seed=cfg.seed, random_flip=cfg.random_flip, random_crop=cfg.random_crop)
     dataset.resolution = cfg.resolution or model.resolution

@@ -50,7 +50,13 @@ class TrainConfig:
     alpha: float = 0.01  # DMPO's α
     reference_mode: str = "auto"
     ref_cache: str | None = None  # --reference_mode cache: the file fastpref-precompute wrote
-    weighting_scheme: str = "logit_normal"  # flow matching timestep density (diffusers' SD3 scripts)
+    # -- flow matching (SD3, Flux): the timestep density of diffusers' scripts; None: the family's script
+    #    default (SD3 logit_normal, Flux none)
+    weighting_scheme: str | None = None
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    guidance_scale: float = 3.5  # Flux guidance-distilled checkpoints (FLUX.1-dev): the guidance embedding's value
     # -- --loss rpo / orrpo: CLIP embeddings of each pair's images with its prompt (open_clip)
     clip_model: str | None = None  # an open_clip name (ViT-H-14, …); None: fastpref:tiny-clip (tiny models only)
     clip_pretrained: str | None = None  # an open_clip tag or a checkpoint file; None: random initialisation
@@ -173,7 +179,11 @@ class TrainConfig:
              f"--latent_cache_dir must be a folder path, got {self.latent_cache_dir!r}")
         need(self.mixed_precision in MIXED_PRECISION, f"--mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
         need(self.lr_scheduler in LR_SCHEDULERS, f"--lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
-        need(self.weighting_scheme in WEIGHTING_SCHEMES, f"--weighting_scheme must be one of {', '.join(WEIGHTING_SCHEMES)}, got {self.weighting_scheme!r}")
+        need(self.weighting_scheme is None or self.weighting_scheme in WEIGHTING_SCHEMES,
+             f"--weighting_scheme must be one of {', '.join(WEIGHTING_SCHEMES)}, got {self.weighting_scheme!r}")
+        for name in ("logit_mean", "mode_scale", "guidance_scale"):
+            finite(name)
+        finite("logit_std", 0.0)
         positive_int("lora_rank", allow_zero=True)
         if self.lora_alpha is not None:
             positive_int("lora_alpha")
@@ -209,6 +219,11 @@ class TrainConfig:
                 f"--resume_from_checkpoint must be 'latest' or an existing checkpoint folder, got {self.resume_from_checkpoint!r}",
             )
         return self
+
+    def model_options(self) -> dict:
+        """The :func:`~fastpref.train.models.load_model` keywords of this run."""
+        return {"weighting_scheme": self.weighting_scheme, "logit_mean": self.logit_mean, "logit_std": self.logit_std,
+                "mode_scale": self.mode_scale, "guidance_scale": self.guidance_scale}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -32,7 +32,7 @@ from fastpref.train.config import TrainConfig
 from fastpref.train.data import EpochSampler, build_dataset, collate_pairs
 from fastpref.train.launch import build_accelerator, start_line
 from fastpref.train.metrics import MetricsLogger, plot_curves
-from fastpref.train.models import LORA_TARGET_MODULES, DiffusionModel, load_model, save_model
+from fastpref.train.models import DiffusionModel, load_model, save_model
 from fastpref.train.noise import noise_pairs
 from fastpref.train.pipelines import UNET_FAMILIES, save_lora_weights
 from fastpref.train.objectives import get_objective
@@ -147,7 +147,7 @@ def supervised_warmup(model: DiffusionModel, dataset, indices: list[int], cfg: T
         with open(marker_path) as fh:
             if json.load(fh) == marker:
                 accelerator.print(f"supervised warm-up: reusing {folder}")
-                return load_model(folder, weighting_scheme=model.weighting_scheme)
+                return load_model(folder, **model.options())
     accelerator.print(f"supervised warm-up: {cfg.sft_steps} steps of the plain diffusion loss on both images of "
                       f"each pair, saved to {folder} (a later run with the same settings reuses it)")
     device = accelerator.device
@@ -231,7 +231,7 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
     # ---- model -----------------------------------------------------------------------------------
     if model is None:
         model = load_model(cfg.pretrained_model_name_or_path, revision=cfg.revision,
-                           weighting_scheme=cfg.weighting_scheme)
+                           **cfg.model_options())
     resolution = cfg.resolution or model.resolution
     if resolution % model.vae_scale_factor:
         raise ValueError(f"--resolution {resolution} must be a multiple of the VAE's factor {model.vae_scale_factor}")
@@ -255,7 +255,7 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
         with torch.random.fork_rng(devices=[]):  # adapter init must not depend on what ran before
             torch.manual_seed(cfg.seed)
             denoiser.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank,
-                                            init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES))
+                                            init_lora_weights="gaussian", target_modules=model.lora_target_modules))
         cast_training_params(denoiser, dtype=torch.float32)  # trainable LoRA weights stay fp32
     else:
         place(denoiser.requires_grad_(True), torch.float32)  # fp32 master weights
@@ -524,14 +524,7 @@ def _summary(cfg: TrainConfig, result: TrainResult, curves: str | None, seconds:
 def _save_final(denoiser, model: DiffusionModel, cfg: TrainConfig) -> None:
     """LoRA: ``pytorch_lora_weights.safetensors`` in the diffusers format (``pipe.load_lora_weights``);
     full fine-tune: the denoiser folder (``unet/`` or ``transformer/``)."""
-    if cfg.is_lora and model.family in UNET_FAMILIES:  # StableDiffusion(XL)Pipeline.load_lora_weights reads it
+    if cfg.is_lora:  # the family pipeline's save_lora_weights: its load_lora_weights reads it
         save_lora_weights(model, denoiser, cfg.output_dir)
-    elif cfg.is_lora:
-        from diffusers import StableDiffusion3Pipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
-        StableDiffusion3Pipeline.save_lora_weights(cfg.output_dir, transformer_lora_layers=layers)
     else:
         denoiser.save_pretrained(os.path.join(cfg.output_dir, "unet" if model.family in UNET_FAMILIES else "transformer"))

@@ -7,11 +7,17 @@ Three families:
 * ``sdxl`` — the same with SDXL's two CLIP encoders and added conditioning (``addition_embed_type =
   "text_time"``: pooled text and the per-image size/crop ``time_ids``; :mod:`fastpref.train.sdxl`);
 * ``sd3`` — ``SD3Transformer2DModel`` + CLIP (+ CLIP-2, + T5) encoders + ``FlowMatchEulerDiscreteScheduler``:
-  ``x_t = (1 − σ)·x0 + σ·ε`` and the target ``ε − x0`` (rectified flow, the SD3 recipe).
+  ``x_t = (1 − σ)·x0 + σ·ε`` and the target ``ε − x0`` (rectified flow, the SD3 recipe). SD3.5's
+  transformers (``dual_attention_layers``, ``qk_norm="rms_norm"``) are configs of the same class;
+* ``flux`` — ``FluxTransformer2DModel`` + CLIP (pooled) + T5 (sequence) encoders, the same flow matching
+  on 2×2-packed latents, with the guidance embedding of distilled checkpoints (:mod:`fastpref.train.flux`).
+
+The transformer families sample through their own diffusers pipeline (:mod:`fastpref.train.pipelines`).
 
 A VAE is optional: without one the model works on pixels — that is how
-the embedded tiny models (``fastpref:tiny-unet``, ``fastpref:tiny-unet-v``, ``fastpref:tiny-sdxl``, ``fastpref:tiny-sd3``,
-built from configs with a fixed seed, nothing downloaded) stay fast on a CPU.
+the embedded tiny models (``fastpref:tiny-unet``, ``fastpref:tiny-unet-v``, ``fastpref:tiny-sdxl``,
+``fastpref:tiny-sd3``, ``fastpref:tiny-sd35``, ``fastpref:tiny-flux``, built from configs with a fixed seed,
+nothing downloaded) stay fast on a CPU.
 
 Noising a batch of pairs is :mod:`fastpref.train.noise`; rows are stacked ``[w_0 … w_{B−1}, l_0 … l_{B−1}]``.
 """
@@ -31,25 +37,42 @@ from torch import nn
 
 __all__ = ["DiffusionModel", "load_model", "build_tiny_model", "save_model", "TINY_MODELS"]
 
-TINY_MODELS = ("fastpref:tiny-unet", "fastpref:tiny-unet-v", "fastpref:tiny-sdxl", "fastpref:tiny-sd3")
+TINY_MODELS = ("fastpref:tiny-unet", "fastpref:tiny-unet-v", "fastpref:tiny-sdxl", "fastpref:tiny-sd3",
+               "fastpref:tiny-sd35", "fastpref:tiny-flux")
 SD3_T5_TOKENS = 256  # without a T5 encoder the SD3 pipeline feeds this many zero tokens; training matches it
-LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]  # the diffusers DPO / SD3 LoRA scripts' choice
+LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]  # the diffusers DPO script's choice (UNets)
+# train_dreambooth_lora_sd3.py's list without its "attn." prefix, so that SD3.5's second attention
+# (attn2.to_q …, dual_attention_layers) is adapted too
+SD3_LORA_TARGET_MODULES = [*LORA_TARGET_MODULES, "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"]
+# the diffusers training scripts' defaults per family (--weighting_scheme unset)
+DEFAULT_WEIGHTING_SCHEME = {"sd3": "logit_normal", "flux": "none"}
 
 
 @dataclass
 class DiffusionModel:
-    family: str  # "unet" | "sdxl" | "sd3"
+    family: str  # "unet" | "sdxl" | "sd3" | "flux"
     denoiser: nn.Module
     scheduler: object
     tokenizers: list
     text_encoders: list
     vae: nn.Module | None = None
     weighting_scheme: str = "logit_normal"
+    # the flow-matching timestep density's parameters (diffusers' compute_density_for_timestep_sampling)
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    guidance_scale: float = 3.5  # Flux's distilled guidance embedding (train_dreambooth_lora_flux.py's default)
+    sample_size: int | None = None  # latent size when the denoiser's config has none (Flux)
+
+    def options(self) -> dict:
+        """The :func:`load_model` keywords that reproduce this model's settings."""
+        return {"weighting_scheme": self.weighting_scheme, "logit_mean": self.logit_mean, "logit_std": self.logit_std,
+                "mode_scale": self.mode_scale, "guidance_scale": self.guidance_scale}
 
     # -- shapes ------------------------------------------------------------------------------------
     @property
     def prediction_type(self) -> str:
-        if self.family == "sd3":
+        if self.family in ("sd3", "flux"):
             return "flow_matching"
         return self.scheduler.config.prediction_type
 
@@ -59,11 +82,19 @@ class DiffusionModel:
 
     @property
     def resolution(self) -> int:
-        return self.denoiser.config.sample_size * self.vae_scale_factor
+        return (self.sample_size or self.denoiser.config.sample_size) * self.vae_scale_factor
 
     @property
     def latent_channels(self) -> int:
-        return self.denoiser.config.in_channels
+        channels = self.denoiser.config.in_channels
+        return channels // 4 if self.family == "flux" else channels  # Flux's input: packed 2×2 patches
+
+    @property
+    def lora_target_modules(self) -> list[str]:
+        from fastpref.train import flux
+
+        targets = {"sd3": SD3_LORA_TARGET_MODULES, "flux": flux.LORA_TARGET_MODULES}
+        return targets.get(self.family, LORA_TARGET_MODULES)
 
     def frozen_modules(self) -> list[nn.Module]:
         return [m for m in [*self.text_encoders, self.vae] if m is not None]
@@ -83,6 +114,10 @@ class DiffusionModel:
             from fastpref.train.sdxl import encode_prompts
 
             return encode_prompts(self.tokenizers, self.text_encoders, prompts, device)
+        if self.family == "flux":
+            from fastpref.train import flux
+
+            return flux.encode_prompts(self, prompts, device)
         # SD3: penultimate hidden states of the CLIP encoders side by side, padded to the joint width,
         # then the T5 tokens (zeros without a T5, as the SD3 pipeline does); pooled = the CLIP projections.
         joint = self.denoiser.config.joint_attention_dim
@@ -139,33 +174,21 @@ class DiffusionModel:
             added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
             return denoiser(noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"],
                             added_cond_kwargs=added, return_dict=False)[0]
+        if self.family == "flux":
+            from fastpref.train import flux
+
+            return flux.predict(self, denoiser, noisy, timesteps, cond)
         return denoiser(noisy, timesteps, return_dict=False, **cond)[0]
 
     # -- sampling (evaluation grids) ------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, denoiser: nn.Module, prompts: list[str], seeds: list[int], num_inference_steps: int, device) -> torch.Tensor:
         """Images in [−1, 1] for ``prompts`` from fixed ``seeds`` (no classifier-free guidance: the
-        tiny models are trained without an empty prompt). DDIM for the DDPM families — through their own
-        diffusers pipeline (:mod:`fastpref.train.pipelines`) — Euler for flow."""
-        from diffusers import FlowMatchEulerDiscreteScheduler
+        tiny models are trained without an empty prompt), through the family's own diffusers pipeline
+        (:func:`fastpref.train.pipelines.sample`): DDIM for the DDPM families, Euler for flow."""
+        from fastpref.train.pipelines import sample
 
-        if self.family in ("unet", "sdxl"):
-            from fastpref.train.pipelines import sample
-
-            return sample(self, denoiser, prompts, seeds, num_inference_steps, device)
-
-        sched = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)  # sd3
-        sched.set_timesteps(num_inference_steps, device=device)
-        size = self.denoiser.config.sample_size
-        x = torch.stack([
-            torch.randn((self.latent_channels, size, size), generator=torch.Generator().manual_seed(s)) for s in seeds
-        ]).to(device)
-        x = x * getattr(sched, "init_noise_sigma", 1.0)
-        cond = self.encode_prompts(prompts, device)
-        for t in sched.timesteps:
-            pred = self.predict(denoiser, x, t.expand(x.shape[0]).to(device), cond).float()
-            x = sched.step(pred, t, x).prev_sample
-        return self.decode_latents(x).float()
+        return sample(self, denoiser, prompts, seeds, num_inference_steps, device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,12 +196,24 @@ class DiffusionModel:
 # ----------------------------------------------------------------------------------------------
 
 
-def load_model(name_or_path: str, *, revision: str | None = None, weighting_scheme: str = "logit_normal") -> DiffusionModel:
-    """A :class:`DiffusionModel` from a hub id, a local diffusers folder or an embedded tiny model."""
+def load_model(name_or_path: str, *, revision: str | None = None, weighting_scheme: str | None = None,
+               **options) -> DiffusionModel:
+    """A :class:`DiffusionModel` from a hub id, a local diffusers folder or an embedded tiny model.
+    ``weighting_scheme`` None: the family's diffusers training script default (SD3 ``logit_normal``, Flux
+    ``none``); ``options``: ``logit_mean``, ``logit_std``, ``mode_scale``, ``guidance_scale``."""
+    model = _load_model(name_or_path, revision)
+    model.weighting_scheme = weighting_scheme or DEFAULT_WEIGHTING_SCHEME.get(model.family, "logit_normal")
+    unknown = set(options) - {"logit_mean", "logit_std", "mode_scale", "guidance_scale"}
+    if unknown:
+        raise TypeError(f"load_model: unknown options {sorted(unknown)}")
+    for name, value in options.items():
+        setattr(model, name, float(value))
+    return model
+
+
+def _load_model(name_or_path: str, revision: str | None) -> DiffusionModel:
     if name_or_path in TINY_MODELS:
-        model = build_tiny_model(name_or_path)
-        model.weighting_scheme = weighting_scheme
-        return model
+        return build_tiny_model(name_or_path)
     if name_or_path.startswith("fastpref:"):
         raise ValueError(f"--pretrained_model_name_or_path: unknown embedded model {name_or_path!r}; "
                          f"choose one of {', '.join(TINY_MODELS)}")
@@ -230,25 +265,40 @@ def load_model(name_or_path: str, *, revision: str | None = None, weighting_sche
         names = [s for s in ("", "_2", "_3") if has(f"text_encoder{s}")]
         return DiffusionModel(
             "sd3", transformer, sched, [component(f"tokenizer{s}") for s in names],
-            [component(f"text_encoder{s}") for s in names], vae, weighting_scheme,
+            [component(f"text_encoder{s}") for s in names], vae,
         )
+    if has("transformer") and index["transformer"][1] == "FluxTransformer2DModel":
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+        from fastpref.train.flux import DEFAULT_SAMPLE_SIZE
+
+        transformer = FluxTransformer2DModel.from_pretrained(name_or_path, subfolder="transformer", **kw)
+        sched = FlowMatchEulerDiscreteScheduler.from_pretrained(name_or_path, subfolder="scheduler", **kw)
+        return DiffusionModel("flux", transformer, sched, [component("tokenizer"), component("tokenizer_2")],
+                              [component("text_encoder"), component("text_encoder_2")], vae,
+                              sample_size=index.get(_SAMPLE_SIZE_KEY, DEFAULT_SAMPLE_SIZE))
     found = [k for k in index if not k.startswith("_")]
-    raise ValueError(f"{name_or_path!r}: expected a pipeline with a UNet2DConditionModel 'unet' or an "
-                     f"SD3Transformer2DModel 'transformer', found components {found}")
+    raise ValueError(f"{name_or_path!r}: expected a pipeline with a UNet2DConditionModel 'unet', or an "
+                     f"SD3Transformer2DModel or FluxTransformer2DModel 'transformer', found components {found}")
+
+
+_SAMPLE_SIZE_KEY = "_fastpref_sample_size"  # private ("_") model_index.json key: pipelines ignore it
 
 
 def save_model(model: DiffusionModel, folder: str) -> None:
     """Write ``model`` as a diffusers folder (``model_index.json`` + one subfolder per component)."""
     os.makedirs(folder, exist_ok=True)
     parts = {"scheduler": model.scheduler}
-    parts["transformer" if model.family == "sd3" else "unet"] = model.denoiser
+    parts["unet" if model.family in ("unet", "sdxl") else "transformer"] = model.denoiser
     suffixes = ["", "_2", "_3"]
     for i, (tok, enc) in enumerate(zip(model.tokenizers, model.text_encoders)):
         parts[f"tokenizer{suffixes[i]}"] = tok
         parts[f"text_encoder{suffixes[i]}"] = enc
-    pipeline = {"unet": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
-    index = {"_class_name": pipeline.get(model.family, "StableDiffusion3Pipeline"),
-             "vae": [None, None]}
+    pipeline = {"unet": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
+                "flux": "FluxPipeline"}
+    index = {"_class_name": pipeline[model.family], "vae": [None, None]}
+    if model.sample_size is not None:  # a Flux transformer's config has no size: keep a non-default one here
+        index[_SAMPLE_SIZE_KEY] = model.sample_size
     if model.vae is not None:
         parts["vae"] = model.vae
     for name, part in parts.items():
@@ -290,7 +340,9 @@ def _tiny_tokenizer(max_length: int = 16):
 
 
 def build_tiny_model(name: str = "fastpref:tiny-unet", *, sample_size: int = 16, seed: int = 0) -> DiffusionModel:
-    """A randomly initialised pixel-space pipeline (3 channels, ``sample_size``², no VAE)."""
+    """A randomly initialised pixel-space pipeline (3 channels, ``sample_size``², no VAE).
+    ``tiny-sd35`` is ``tiny-sd3`` with SD3.5's dual attention in its first block and RMS qk-norm;
+    ``tiny-flux``: :func:`fastpref.train.flux.build_tiny_flux`."""
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -333,10 +385,18 @@ def build_tiny_model(name: str = "fastpref:tiny-unet", *, sample_size: int = 16,
             sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
             encoders = [CLIPTextModel(text_config(16)), CLIPTextModelWithProjection(text_config(16))]
             return DiffusionModel("sdxl", unet, sched, [_tiny_tokenizer(max_length) for _ in range(2)], encoders)
+        if name == "fastpref:tiny-flux":
+            from fastpref.train.flux import build_tiny_flux
+
+            tokenizers = [_tiny_tokenizer(max_length) for _ in range(2)]
+            transformer, sched, encoders = build_tiny_flux(sample_size, tokenizers[1], max_length)
+            return DiffusionModel("flux", transformer, sched, tokenizers, encoders, sample_size=sample_size,
+                                  weighting_scheme=DEFAULT_WEIGHTING_SCHEME["flux"])
+        sd35 = {"dual_attention_layers": (0,), "qk_norm": "rms_norm"} if name == "fastpref:tiny-sd35" else {}
         transformer = SD3Transformer2DModel(
             sample_size=sample_size, patch_size=2, in_channels=3, out_channels=3, num_layers=2, attention_head_dim=8,
             num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32,
-            pos_embed_max_size=sample_size,
+            pos_embed_max_size=sample_size, **sd35,
         )
         encoders = [CLIPTextModelWithProjection(text_config(16)) for _ in range(2)]
         sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)

@@ -24,8 +24,12 @@ Noising (each pair shares ε and t; rows stacked ``[w_0 … w_{B−1}, l_0 … l
   per pair, ``(B, *S)``: the fused loss reads it once) or ``scheduler.get_velocity(x0, ε, t)``.
 * Flow matching (``FlowMatchEulerDiscreteScheduler``, SD3): ``x_t = (1 − σ)·x0 + σ·ε``, target ``ε − x0``,
   ``σ = sigmas[k]``, ``t = timesteps[k]``, ``k = ⌊u·N⌋`` with ``u`` from diffusers'
-  ``compute_density_for_timestep_sampling(weighting_scheme)`` (the SD3 scripts' ``logit_normal``,
-  mean 0, std 1, by default).
+  ``compute_density_for_timestep_sampling(weighting_scheme, logit_mean, logit_std, mode_scale)`` (by
+  default the SD3 scripts' ``logit_normal``, mean 0, std 1; the Flux scripts' ``none``, uniform). ``σ``
+  and ``t`` come from a fresh copy of the checkpoint's scheduler, as the scripts' ``noise_scheduler_copy``:
+  a static ``shift`` (SD3) is in its sigmas, a dynamic one (FLUX.1, ``use_dynamic_shifting``) is not.
+  Flux packs 2×2 latent patches only around the transformer call: the noise is drawn here in the
+  unpacked ``(C, h, w)`` shape (:mod:`fastpref.train.flux`).
 """
 
 from __future__ import annotations
@@ -76,7 +80,8 @@ def vae_generators(seed: int, pair_indices, images: int = 2) -> list[torch.Gener
 
 
 def draw_noise(scheduler, latent_shape: Sequence[int], pair_indices, epoch: int, seed: int,
-               weighting_scheme: str = "logit_normal") -> tuple[torch.Tensor, torch.Tensor]:
+               weighting_scheme: str = "logit_normal", *, logit_mean: float = 0.0, logit_std: float = 1.0,
+               mode_scale: float = 1.29) -> tuple[torch.Tensor, torch.Tensor]:
     """Noise ``(B, *latent_shape)`` (fp32, CPU) and timestep indices ``(B,)`` of the pairs at ``epoch``:
     one generator per pair seeded with ``(seed, pair, epoch)``, timestep first, then noise."""
     from diffusers.training_utils import compute_density_for_timestep_sampling
@@ -89,8 +94,8 @@ def draw_noise(scheduler, latent_shape: Sequence[int], pair_indices, epoch: int,
     for i in _pairs(pair_indices):
         g = torch.Generator().manual_seed(derive_seed(seed, i, epoch))
         if flow:
-            u = compute_density_for_timestep_sampling(weighting_scheme, 1, logit_mean=0.0, logit_std=1.0,
-                                                      mode_scale=1.29, generator=g)
+            u = compute_density_for_timestep_sampling(weighting_scheme, 1, logit_mean=logit_mean, logit_std=logit_std,
+                                                      mode_scale=mode_scale, generator=g)
             t_index.append((u * n_train).long().clamp(0, n_train - 1))
         else:
             t_index.append(torch.randint(0, n_train, (1,), generator=g))
@@ -133,5 +138,6 @@ def noise_pairs(model, latents: torch.Tensor, pair_indices, epoch: int, seed: in
     """The step's noising: :func:`draw_noise` for the pairs at ``epoch``, then :func:`add_noise`.
     ``model`` is a :class:`~fastpref.train.models.DiffusionModel` (scheduler, weighting scheme)."""
     noise, t_index = draw_noise(model.scheduler, latents.shape[1:], pair_indices, epoch, seed,
-                                model.weighting_scheme)  # one per row: a pair's, or an unpaired image's
+                                model.weighting_scheme, logit_mean=model.logit_mean, logit_std=model.logit_std,
+                                mode_scale=model.mode_scale)  # one per row: a pair's, or an unpaired image's
     return add_noise(model.scheduler, latents, noise, t_index)

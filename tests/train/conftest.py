@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastpref.train import TrainConfig
-from fastpref.train.models import LORA_TARGET_MODULES, build_tiny_model
+from fastpref.train.models import build_tiny_model
 
 
 def tiny_model(name: str = "fastpref:tiny-unet", *, vae: bool = False, lora: int = 0, lora_b: float = 0.0):
@@ -34,7 +34,7 @@ def tiny_model(name: str = "fastpref:tiny-unet", *, vae: bool = False, lora: int
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(1)
             model.denoiser.add_adapter(LoraConfig(r=lora, lora_alpha=lora, init_lora_weights="gaussian",
-                                                  target_modules=LORA_TARGET_MODULES))
+                                                  target_modules=model.lora_target_modules))
         g = torch.Generator().manual_seed(2)
         with torch.no_grad():
             for n, p in model.denoiser.named_parameters():

@@ -56,7 +56,8 @@ class DoublePairs(SyntheticPreferences):
         return {**item, "pixel_values": item["pixel_values"].double()}
 
 
-@pytest.mark.parametrize("name", ["fastpref:tiny-unet", "fastpref:tiny-sdxl", "fastpref:tiny-sd3"])
+@pytest.mark.parametrize("name", ["fastpref:tiny-unet", "fastpref:tiny-sdxl", "fastpref:tiny-sd3", "fastpref:tiny-sd35",
+                                  "fastpref:tiny-flux"])
 def test_every_mode_gives_the_same_loss_and_gradient(tmp_path, tiny, run_config, cpu_accelerator, name):
     model = _double(tiny(name, lora=4, lora_b=0.1))
     data = DoublePairs(6, 8, seed=SEED)
@@ -101,7 +102,8 @@ def test_every_mode_gives_the_same_loss_and_gradient(tmp_path, tiny, run_config,
     torch.testing.assert_close(none.model_pred, base.model_pred, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ["fastpref:tiny-unet", "fastpref:tiny-sdxl", "fastpref:tiny-sd3"])
+@pytest.mark.parametrize("name", ["fastpref:tiny-unet", "fastpref:tiny-sdxl", "fastpref:tiny-sd3", "fastpref:tiny-sd35",
+                                  "fastpref:tiny-flux"])
 def test_batched_rows_equal_two_calls_in_fp32(tiny, name):
     model = tiny(name, lora=4, lora_b=0.1)
     data = SyntheticPreferences(4, 8)

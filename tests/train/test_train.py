@@ -74,7 +74,7 @@ def test_a_few_steps_train_the_policy_only(tmp_path, model_name, loss, rank):
         assert all(torch.equal(base_before[k], base_after[k]) for k in base_before)
         assert os.path.isfile(os.path.join(cfg.output_dir, "pytorch_lora_weights.safetensors"))
     else:
-        folder = "transformer" if model.family == "sd3" else "unet"
+        folder = "unet" if model.family in ("unet", "sdxl") else "transformer"
         assert os.path.isfile(os.path.join(cfg.output_dir, folder, "config.json"))
 
 
@@ -188,12 +188,13 @@ def test_too_little_data_is_refused(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model_name", ["fastpref:tiny-unet-v", "fastpref:tiny-sd3"])
+@pytest.mark.parametrize("model_name", ["fastpref:tiny-unet-v", "fastpref:tiny-sd3", "fastpref:tiny-flux"])
 def test_local_diffusers_folder_round_trip(tmp_path, model_name):
     model = tiny(model_name)
     save_model(model, str(tmp_path / "pipe"))
     loaded = load_model(str(tmp_path / "pipe"))
-    assert (loaded.family, loaded.prediction_type) == (model.family, model.prediction_type)
+    assert (loaded.family, loaded.prediction_type, loaded.resolution, loaded.weighting_scheme) == (
+        model.family, model.prediction_type, model.resolution, model.weighting_scheme)
     x = torch.randn(2, 3, 8, 8)
     t = torch.tensor([10, 500])
     with torch.no_grad():
