@@ -27,9 +27,14 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["DiffusionModel", "load_model", "build_tiny_model", "save_model", "TINY_MODELS"]
+__all__ = ["DiffusionModel", "load_model", "load_vae", "build_tiny_model", "save_model", "TINY_MODELS", "FAMILIES"]
 
 TINY_MODELS = ("fastpref:tiny-unet", "fastpref:tiny-unet-v", "fastpref:tiny-sd3")
+#: DiffusionModel.family → what a pipeline of that family holds (``fastpref-train --help`` lists them)
+FAMILIES = {
+    "unet": "UNet2DConditionModel + CLIP text encoder, DDPM, ε- or v-prediction (SD1.5-style)",
+    "sd3": "SD3Transformer2DModel + CLIP (+ CLIP-2, + T5) encoders, flow matching (SD3, SD3.5)",
+}
 SD3_T5_TOKENS = 256  # without a T5 encoder the SD3 pipeline feeds this many zero tokens; training matches it
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]  # the diffusers DPO / SD3 LoRA scripts' choice
 
@@ -43,6 +48,7 @@ class DiffusionModel:
     text_encoders: list
     vae: nn.Module | None = None
     weighting_scheme: str = "logit_normal"
+    vae_encode_batch_size: int | None = None  # images per VAE encode call (None: all at once)
 
     # -- shapes ------------------------------------------------------------------------------------
     @property
@@ -98,12 +104,17 @@ class DiffusionModel:
     def encode_images(self, pixels: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
         """Pixels (N, C, H, W) in [−1, 1] → scaled latents: ``(mean + std·z − shift)·scale`` with ``z`` of
         image k drawn from the CPU generator ``generators[k]`` (so the sample does not depend on the
-        device or on which other images are encoded with it). No VAE: the pixels themselves."""
+        device or on which other images are encoded with it). The VAE sees ``vae_encode_batch_size``
+        images per call (diffusers' ``--vae_encode_batch_size``: bounds its activation memory). No VAE: the
+        pixels themselves."""
         if self.vae is None:
             return pixels
-        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-        z = torch.stack([torch.randn(dist.mean.shape[1:], generator=g) for g in generators])
-        latents = dist.mean + dist.std * z.to(dist.mean.device, dist.mean.dtype)
+        chunk = self.vae_encode_batch_size or pixels.shape[0]
+        dists = [self.vae.encode(pixels[i: i + chunk].to(self.vae.dtype)).latent_dist
+                 for i in range(0, pixels.shape[0], chunk)]
+        mean, std = torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists])
+        z = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in generators])
+        latents = mean + std * z.to(mean.device, mean.dtype)
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * self.vae.config.scaling_factor
 
@@ -151,8 +162,38 @@ class DiffusionModel:
 # ----------------------------------------------------------------------------------------------
 
 
-def load_model(name_or_path: str, *, revision: str | None = None, weighting_scheme: str = "logit_normal") -> DiffusionModel:
-    """A :class:`DiffusionModel` from a hub id, a local diffusers folder or an embedded tiny model."""
+def load_model(name_or_path: str, *, revision: str | None = None, weighting_scheme: str = "logit_normal",
+               variant: str | None = None, vae: str | None = None) -> DiffusionModel:
+    """A :class:`DiffusionModel` from a hub id, a local diffusers folder or an embedded tiny model.
+    ``variant``: diffusers' weight variant (``fp16`` → ``*.fp16.safetensors``) of every component with
+    weights; ``vae``: a separate VAE folder or hub id (``--pretrained_vae_model_name_or_path``) instead of the
+    pipeline's own, loaded with ``variant`` and its own default revision."""
+    model = _load_pipeline(name_or_path, revision=revision, weighting_scheme=weighting_scheme, variant=variant,
+                           with_vae=vae is None)
+    if vae is not None:
+        model.vae = load_vae(vae, model, variant=variant)
+    return model
+
+
+def load_vae(name_or_path: str, model: DiffusionModel, *, variant: str | None = None) -> nn.Module:
+    """``--pretrained_vae_model_name_or_path``: an ``AutoencoderKL`` folder or hub id (diffusers' SDXL scripts:
+    e.g. madebyollin/sdxl-vae-fp16-fix, whose decoder does not overflow in fp16) for ``model``."""
+    from diffusers import AutoencoderKL
+
+    try:
+        vae = AutoencoderKL.from_pretrained(name_or_path, variant=variant)
+    except Exception as exc:  # noqa: BLE001 - hub/OS errors come in many types; one message for all
+        raise ValueError(f"--pretrained_vae_model_name_or_path {name_or_path!r}: no AutoencoderKL found there (a "
+                         f"folder with config.json and the weights{f' of variant {variant!r}' if variant else ''}, "
+                         f"or a hub id reachable with HF_HUB_OFFLINE unset): {exc}") from None
+    if vae.config.latent_channels != model.latent_channels:
+        raise ValueError(f"--pretrained_vae_model_name_or_path {name_or_path!r}: the VAE has "
+                         f"{vae.config.latent_channels} latent channels, the denoiser expects {model.latent_channels}")
+    return vae
+
+
+def _load_pipeline(name_or_path: str, *, revision: str | None, weighting_scheme: str, variant: str | None,
+                   with_vae: bool) -> DiffusionModel:
     if name_or_path in TINY_MODELS:
         model = build_tiny_model(name_or_path)
         model.weighting_scheme = weighting_scheme
@@ -174,16 +215,17 @@ def load_model(name_or_path: str, *, revision: str | None = None, weighting_sche
         entry = index.get(name)
         return isinstance(entry, (list, tuple)) and entry[0] is not None
 
-    kw = {"revision": revision}
+    kw = {"revision": revision, "variant": variant}  # variant: diffusers reads it for weights (tokenizers: not passed)
     import transformers
     from diffusers import AutoencoderKL
 
     def component(name):
         lib, cls = index[name]
-        module = transformers if lib == "transformers" else __import__(lib, fromlist=[cls])
-        return getattr(module, cls).from_pretrained(name_or_path, subfolder=name, **kw)
+        cls = getattr(transformers if lib == "transformers" else __import__(lib, fromlist=[cls]), cls)
+        weights = isinstance(cls, type) and issubclass(cls, nn.Module)
+        return cls.from_pretrained(name_or_path, subfolder=name, **(kw if weights else {"revision": revision}))
 
-    vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", **kw) if has("vae") else None
+    vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", **kw) if has("vae") and with_vae else None
     if has("unet"):
         from diffusers import DDPMScheduler, UNet2DConditionModel
 
