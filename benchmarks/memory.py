@@ -1,7 +1,7 @@
 """Peak memory of one training step: every embedded model × reference mode × gradient checkpointing.
 
     python -m benchmarks.memory                                   # every models.TINY_MODELS entry
-    python -m benchmarks.memory --models fastpref:tiny-unet --quick --output /tmp/m.csv   # the test's run
+    python -m benchmarks.memory --models fastpref:tiny-unet --quick --pairs 4 --output /tmp/m.csv  # the test's
 
 The step is the trainer's own: :func:`fastpref.train.compute_loss` (text encoders, noise, the policy and the
 reference mode, the ``--loss`` objective) → backward → gradient clipping → AdamW step, on a model placed as
@@ -11,19 +11,18 @@ a CPU). Rows: LoRA × ``adapter_off``, ``batched``, ``copy``, ``cache`` (``--los
 ``--gradient_checkpointing`` off and on. The embedded models come from ``models.TINY_MODELS``, so a new
 family's tiny model appears here without an edit.
 
-How a CPU step's peak is measured: **each configuration in a fresh subprocess** (``--one SPEC``), not with
-``torch.profiler``'s memory timeline — the profiler sees only allocations made through PyTorch's allocator and
-its own bookkeeping inflates the process, while the subprocess measures what the operating system charges the
-process (resident set), with nothing left over from another configuration (allocator free lists, lazily
-built kernels, the thread pool). In the subprocess: build everything, run one warm-up step (it creates the
-optimiser state and the lazily initialised parts), then reset the kernel's peak-RSS counter
-(``echo 5 > /proc/self/clear_refs``: VmHWM := VmRSS), run the measured step, read VmHWM.
+How a CPU step's peak is measured: **each configuration in a fresh process**, forked from the runner after its
+imports and before it builds anything — not with ``torch.profiler``'s memory timeline, which sees only
+allocations made through PyTorch's allocator and whose own bookkeeping grows the process; the process measures
+what the operating system charges (its resident set), with nothing left from another configuration
+(allocator free lists, lazily built kernels, a reference copy). In the process: glibc is told to return freed
+memory at once (``mallopt``: blocks ≥ 64 KiB are mmap'ed, no trim threshold — otherwise glibc keeps the
+warm-up step's freed blocks and the measured step reuses them unseen), everything is built, one warm-up step
+runs (it creates the optimiser state and the lazily initialised parts), the kernel's peak-RSS counter is reset
+(``echo 5 > /proc/self/clear_refs``: VmHWM := VmRSS), the measured step runs, VmHWM is read.
 ``step_peak_mib = VmHWM − VmRSS before the step``: activations kept for backward, gradients, the reference's
 prediction, temporaries — with what is not the step subtracted (imports, weights, the frozen copy, optimiser
-state, data; those are ``before_step_mib``). glibc is started with ``MALLOC_MMAP_THRESHOLD_=65536`` and
-``MALLOC_TRIM_THRESHOLD_=0`` so a freed tensor leaves the resident set at once and the warm-up step's freed
-memory does not hide the measured step's (without them glibc keeps freed blocks in its heap and reuses them:
-the second step's peak would read ~0).
+state, data; those are in ``before_step_mib``, which also holds the shared imports).
 
 Writes ``benchmarks/results/memory_cpu.csv`` and ``.md`` (or ``--output PATH.csv`` and ``PATH.md``).
 ``--estimate`` prints the 80 GB GPU estimate for SDXL and Flux (benchmarks/RESULTS.md, "Trainer memory").
@@ -34,9 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -47,12 +44,11 @@ COLUMNS = ["model", "family", "training", "mode", "loss", "gradient_checkpointin
            "diffusers", "load_avg"]
 LORA_MODES = (("adapter_off", "dpo"), ("batched", "dpo"), ("copy", "dpo"), ("cache", "dpo"), ("none", "mapo"))
 FULL_MODES = (("copy", "dpo"),)
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
 def configurations(models, quick: bool) -> list[dict]:
-    """The rows to measure; ``quick``: LoRA ``adapter_off`` and ``batched`` only (the test's run)."""
-    lora = LORA_MODES[:2] if quick else LORA_MODES
+    """The rows to measure; ``quick``: LoRA ``adapter_off`` only (the test's run)."""
+    lora = LORA_MODES[:1] if quick else LORA_MODES
     out = []
     for model in models:
         for training, modes in (("lora", lora), ("full", () if quick else FULL_MODES)):
@@ -152,23 +148,48 @@ def measure_one(spec: dict) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
+def _set_malloc() -> None:
+    """glibc: mmap every block ≥ 64 KiB and trim the heap at once, so freed memory leaves the resident set."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    libc.mallopt(m_mmap_threshold, 64 * 1024)
+    libc.mallopt(m_trim_threshold, 0)
+
+
+def _child(spec: dict, queue) -> None:
+    try:
+        _set_malloc()
+        queue.put(measure_one(spec))
+    except BaseException:  # noqa: BLE001 - hand the traceback to the runner
+        import traceback
+
+        queue.put({"error": traceback.format_exc()})
+
+
 def run(configs: list[dict], pairs: int, threads: int) -> list[dict]:
+    import multiprocessing
+
     import diffusers
+    import peft  # noqa: F401 - imported once here, shared by every forked measurement
     import torch
 
+    import fastpref.train  # noqa: F401
     from benchmarks.harness import device_name, load_avg
 
     rows = []
     device = device_name(torch.device("cpu"))
-    env = {**os.environ, **MALLOC_ENV, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                                                       os.environ.get("PYTHONPATH", "")])}
+    ctx = multiprocessing.get_context("fork")
     for spec in configs:
         spec = {**spec, "pairs": pairs, "threads": threads}
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--one", json.dumps(spec)], env=env,
-                              capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
-        if proc.returncode != 0:
-            raise RuntimeError(f"{spec} failed:\n{proc.stderr[-3000:]}")
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        queue = ctx.SimpleQueue()
+        proc = ctx.Process(target=_child, args=(spec, queue))
+        proc.start()
+        result = queue.get()
+        proc.join()
+        if "error" in result:
+            raise RuntimeError(f"{spec} failed:\n{result['error']}")
         row = {**{k: spec[k] for k in ("model", "training", "mode", "loss", "gradient_checkpointing", "pairs")},
                **result, "device": device, "threads": threads, "torch": torch.__version__,
                "diffusers": diffusers.__version__, "load_avg": round(load_avg(), 1)}
@@ -230,16 +251,12 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", default=list(TINY_MODELS), choices=TINY_MODELS)
     parser.add_argument("--pairs", type=int, default=8, help="pairs per step (2 × as many images)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads in each measurement")
-    parser.add_argument("--quick", action="store_true", help="LoRA adapter_off and batched only")
+    parser.add_argument("--quick", action="store_true", help="LoRA adapter_off only, checkpointing off and on")
     parser.add_argument("--output", type=Path, help="results CSV (default benchmarks/results/memory_cpu.csv)")
     parser.add_argument("--render", type=Path, help="only rewrite the markdown table of this results CSV")
     parser.add_argument("--command", help="with --render: the command that produced the CSV")
     parser.add_argument("--estimate", action="store_true", help="print the SDXL / Flux 80 GB GPU estimate")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one configuration, JSON; prints JSON
     args = parser.parse_args(argv)
-    if args.one:
-        print(json.dumps(measure_one(json.loads(args.one))))
-        return 0
     if args.render:
         render(args.render, args.command)
         return 0
@@ -251,7 +268,7 @@ def main(argv=None) -> int:
     if not os.path.exists("/proc/self/clear_refs"):
         raise SystemExit("benchmarks.memory measures the resident set through /proc (Linux)")
     rows = run(configurations(args.models, args.quick), args.pairs, args.threads)
-    write(rows, "python -m benchmarks.memory " + " ".join(argv if argv is not None else sys.argv[1:]), args.output)
+    write(rows, " ".join(["python -m benchmarks.memory", *(argv if argv is not None else sys.argv[1:])]), args.output)
     return 0
 
 

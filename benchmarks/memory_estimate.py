@@ -160,7 +160,8 @@ def count_activations(model, inputs: dict) -> Activations:
     """Run ``model(**inputs)`` on the meta device and count the bytes kept for backward (see the module doc)."""
     weights = {id(p) for p in model.parameters()}
     saved: dict[int, tuple[torch.Tensor, int]] = {}
-    blocks: list[tuple[int, set]] = []  # per checkpointed call: (bytes saved inside, ids of its input roots)
+    blocks: list[tuple[int, set, set]] = []  # per checkpointed call: bytes saved inside, its input roots, the saved
+    calls: list = []  # attention calls through the stand-in
 
     def pack(t):
         r = _root(t)
@@ -183,17 +184,18 @@ def count_activations(model, inputs: dict) -> Activations:
 
     real_sdpa = F.scaled_dot_product_attention
 
-    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
         if attn_mask is not None or is_causal:
             raise NotImplementedError("the stand-in counts unmasked attention only")
-        return _FlashAttention.apply(q, k, v)
+        calls.append(query.shape)
+        return _FlashAttention.apply(query, key, value)
 
     model.enable_gradient_checkpointing(gradient_checkpointing_func=block_call)
     F.scaled_dot_product_attention = sdpa
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = model(**inputs)[0]
-        assert out.requires_grad
+        assert out.requires_grad and calls and blocks, "no attention through the stand-in, or no checkpointed block"
     finally:
         F.scaled_dot_product_attention = real_sdpa
         model.disable_gradient_checkpointing()
@@ -252,6 +254,24 @@ def estimate(name: str) -> Estimate:
     return Estimate(name, base, sum(_params(t) for t in text), _params(vae), lora, act_full, act_lora)
 
 
+def count_tiny(name: str, pairs: int) -> Activations:
+    """The same count for an embedded tiny model as ``benchmarks.memory`` runs it (fp32, LoRA rank 8, ``pairs``
+    pairs, on the CPU): set beside that measured step peak, it shows how much of a step the count covers."""
+    from peft import LoraConfig
+
+    from fastpref.train.models import LORA_TARGET_MODULES, load_model
+
+    model = load_model(name)
+    model.denoiser.requires_grad_(False).train()
+    model.denoiser.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
+                                          target_modules=LORA_TARGET_MODULES))
+    n, size = 2 * pairs, model.denoiser.config.sample_size
+    cond = model.encode_prompts(["a red disc"] * n, "cpu")
+    kw = {"hidden_states" if model.family == "sd3" else "sample": torch.zeros(n, model.latent_channels, size, size),
+          "timestep": torch.zeros(n, dtype=torch.long), "return_dict": False, **cond}
+    return count_activations(model.denoiser, kw)
+
+
 # ----------------------------------------------------------------------------------------------
 # The report
 # ----------------------------------------------------------------------------------------------
@@ -299,6 +319,14 @@ def report() -> str:
             lines.append(f"| {e.name} | {training} | {ref} | {arithmetic} = {_gb(fixed)} | {_gb(text_vae)} "
                          f"| {_gb(act.total)} / {_gb(act.checkpointed)} | {_gb(tot[0])} | {_gb(tot[1])} "
                          f"| {fits[0]} / {fits[1]} | {pairs[0]} / {pairs[1]} |")
+    from fastpref.train.models import TINY_MODELS
+
+    lines += ["", "The same count on the embedded models as `python -m benchmarks.memory` runs them (fp32, LoRA r=8, "
+              "8 pairs; compare with that table's LoRA `adapter_off` step peak):", "",
+              "| model | counted, no checkpointing | counted, checkpointing |", "| --- | ---: | ---: |"]
+    for name in TINY_MODELS:
+        a = count_tiny(name, 8)
+        lines.append(f"| {name} | {a.total / 2**20:.1f} MiB | {a.checkpointed / 2**20:.1f} MiB |")
     return "\n".join(lines)
 
 
