@@ -19,7 +19,9 @@ def test_quick_run_writes_the_csv_and_the_table(tmp_path):
     assert [(r["model"], r["training"], r["mode"], r["gradient_checkpointing"]) for r in rows] == [
         ("fastpref:tiny-unet", "lora", "adapter_off", "False"), ("fastpref:tiny-unet", "lora", "adapter_off", "True")]
     off, on = (float(r["step_peak_mib"]) for r in rows)
-    assert 0 < on < off  # the flag reaches the step, and the measurement sees activations leave
+    # the flag reaches the step and the measurement sees the activations leave (measured 27 → 10 MiB on the
+    # 2-vCPU EPYC of benchmarks/RESULTS.md; the bound leaves room for another allocator)
+    assert 0 < on < 0.6 * off
     assert all(r["family"] == "unet" and r["resolution"] == "16" and int(r["trained_params"]) > 0 for r in rows)
     table = out.with_suffix(".md").read_text()
     assert "Command: `python -m benchmarks.memory --models fastpref:tiny-unet --quick" in table
