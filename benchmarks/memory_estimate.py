@@ -37,8 +37,7 @@ arXiv:2307.01952 (Table 1: 2.6 B UNet parameters; text encoders CLIP ViT-L and O
 configs as in the ``stabilityai/stable-diffusion-xl-base-1.0`` diffusers folder.
 Flux — Black Forest Labs, FLUX.1 [dev] model card (2024): "a 12 billion parameter rectified flow transformer";
 19 double-stream + 38 single-stream blocks, width 3072, T5-XXL and CLIP-L text encoders, a 16-channel VAE
-(configs as in the ``black-forest-labs/FLUX.1-dev`` diffusers folder; also Labs et al. 2025, "FLUX.1 Kontext",
-arXiv:2506.15742).
+(configs as in the ``black-forest-labs/FLUX.1-dev`` diffusers folder).
 """
 
 from __future__ import annotations
@@ -201,11 +200,11 @@ def count_activations(model, inputs: dict) -> Activations:
         model.disable_gradient_checkpointing()
     total = sum(b for _, b in saved.values())
     inside_all = set().union(*(inside for _, _, inside in blocks))
-    outside = total - sum(saved[i][1] for i in inside_all)
-    block_inputs = set().union(*(ids for _, ids, _ in blocks))
-    input_bytes = sum(r.numel() * r.element_size() for i, (r, _) in
-                      {i: saved.get(i) or saved[-i] for i in block_inputs}.items() if i not in saved or
-                      i in inside_all)
+    outside_ids = {i for i in saved if i > 0} - inside_all  # kept for backward outside every block
+    outside = sum(saved[i][1] for i in outside_ids)
+    # a block's inputs are what the checkpoint keeps of it (unless already kept outside the blocks)
+    block_inputs = set().union(*(ids for _, ids, _ in blocks)) - outside_ids
+    input_bytes = sum(saved[-i][0].numel() * saved[-i][0].element_size() for i in block_inputs)
     largest = max(b for b, _, _ in blocks)
     return Activations(total, outside + input_bytes + largest, largest)
 

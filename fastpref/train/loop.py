@@ -33,7 +33,7 @@ from fastpref.train.data import EpochSampler, build_dataset, collate_pairs
 from fastpref.train.launch import build_accelerator, start_line
 from fastpref.train.memory import adamw_class, apply_allow_tf32, build_optimizer, enable_gradient_checkpointing
 from fastpref.train.metrics import MetricsLogger, plot_curves
-from fastpref.train.models import LORA_TARGET_MODULES, DiffusionModel, load_model, save_model
+from fastpref.train.models import LORA_TARGET_MODULES, DiffusionModel, load_model, load_vae, save_model
 from fastpref.train.noise import noise_pairs
 from fastpref.train.objectives import get_objective
 from fastpref.train.reference import make_reference, resolve_reference_mode
@@ -222,6 +222,8 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
         model = load_model(cfg.pretrained_model_name_or_path, revision=cfg.revision,
                            weighting_scheme=cfg.weighting_scheme, variant=cfg.variant,
                            vae=cfg.pretrained_vae_model_name_or_path)
+    elif cfg.pretrained_vae_model_name_or_path:  # a model given to train(): the flag's VAE replaces its own
+        model.vae = load_vae(cfg.pretrained_vae_model_name_or_path, model, variant=cfg.variant)
     model.vae_encode_batch_size = cfg.vae_encode_batch_size
     resolution = cfg.resolution or model.resolution
     if resolution % model.vae_scale_factor:

@@ -35,10 +35,16 @@ def adamw_class(use_8bit_adam: bool):
     if not use_8bit_adam:
         return torch.optim.AdamW
     try:
-        import bitsandbytes
+        bitsandbytes = _import_bitsandbytes()
     except ImportError:
         raise ValueError(BITSANDBYTES_MISSING) from None
     return bitsandbytes.optim.AdamW8bit
+
+
+def _import_bitsandbytes():
+    import bitsandbytes
+
+    return bitsandbytes
 
 
 def build_optimizer(cfg, params) -> torch.optim.Optimizer:

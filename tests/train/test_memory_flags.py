@@ -246,9 +246,11 @@ def tf32_off():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
-def test_8bit_adam_and_tf32_reach_the_trainer(monkeypatch, run_config, tiny, tf32_off):
+def test_the_switches_reach_the_trainer(monkeypatch, run_config, tiny, tf32_off, tmp_path):
     """With bitsandbytes present the run's optimizer is AdamW8bit, with the run's hyperparameters;
-    --allow_tf32 sets both TF32 switches. (bitsandbytes itself is stood in for: it needs a GPU.)"""
+    --allow_tf32 sets both TF32 switches; a model given to train() gets --pretrained_vae_model_name_or_path's
+    VAE, encoding --vae_encode_batch_size images per call. (bitsandbytes itself is stood in for: it needs a
+    GPU.)"""
     made = []
 
     class AdamW8bit(torch.optim.AdamW):
@@ -256,13 +258,28 @@ def test_8bit_adam_and_tf32_reach_the_trainer(monkeypatch, run_config, tiny, tf3
             made.append(kw)
             super().__init__(params, **kw)
 
-    fake = types.ModuleType("bitsandbytes")
-    fake.optim = types.SimpleNamespace(AdamW8bit=AdamW8bit)
-    monkeypatch.setitem(sys.modules, "bitsandbytes", fake)
+    import fastpref.train.memory as memory
+
+    # not a module in sys.modules: diffusers and peft probe an installed bitsandbytes for more than AdamW8bit
+    monkeypatch.setattr(memory, "_import_bitsandbytes", lambda: types.SimpleNamespace(
+        optim=types.SimpleNamespace(AdamW8bit=AdamW8bit)))
+    _vae(1).save_pretrained(str(tmp_path / "vae"))
+    sizes = []
+    real_encode = type(_vae(1)).encode
+
+    def encode(self, x, *args, **kwargs):
+        sizes.append(x.shape[0])
+        return real_encode(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(type(_vae(1)), "encode", encode)
     cfg = run_config(use_8bit_adam=True, allow_tf32=True, max_train_steps=1, learning_rate=3e-3, adam_beta2=0.99,
-                     adam_weight_decay=0.0, adam_epsilon=1e-6)
-    train(cfg, model=tiny())
+                     adam_weight_decay=0.0, adam_epsilon=1e-6, vae_encode_batch_size=3,
+                     pretrained_vae_model_name_or_path=str(tmp_path / "vae"), validation_prompts=["a red disc"])
+    model = tiny()
+    train(cfg, model=model)
     assert made == [dict(lr=3e-3, betas=(0.9, 0.99), weight_decay=0.0, eps=1e-6)]
+    assert model.vae is not None and torch.equal(model.vae.encoder.conv_in.weight, _vae(1).encoder.conv_in.weight)
+    assert sizes[:2] == [3, 1]  # the step's 2 pairs = 4 images, in chunks of 3
     assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     assert type(build_optimizer(config_from_dict({}), [torch.nn.Parameter(torch.zeros(2))])) is torch.optim.AdamW
 
