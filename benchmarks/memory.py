@@ -18,7 +18,8 @@ what the operating system charges (its resident set), with nothing left from ano
 (allocator free lists, lazily built kernels, a reference copy). In the process: glibc is told to return freed
 memory at once (``mallopt``: blocks ≥ 64 KiB are mmap'ed, no trim threshold — otherwise glibc keeps the
 warm-up step's freed blocks and the measured step reuses them unseen), everything is built, one warm-up step
-runs (it creates the optimiser state and the lazily initialised parts), the kernel's peak-RSS counter is reset
+runs (it creates the optimiser state and the lazily initialised parts), glibc's free heap pages are released
+(``malloc_trim``: also those inherited from the runner), the kernel's peak-RSS counter is reset
 (``echo 5 > /proc/self/clear_refs``: VmHWM := VmRSS), the measured step runs, VmHWM is read.
 ``step_peak_mib = VmHWM − VmRSS before the step``: activations kept for backward, gradients, the reference's
 prediction, temporaries — with what is not the step subtracted (imports, weights, the frozen copy, optimiser
@@ -129,6 +130,7 @@ def measure_one(spec: dict) -> dict:
         return out.loss.detach()
 
     step(batches[0])  # warm-up: optimiser state, lazily initialised kernels
+    _trim()  # free heap pages (the warm-up's, or inherited from the runner) leave the resident set
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")  # VmHWM := VmRSS
     before = _status_kib("VmRSS")
@@ -156,6 +158,14 @@ def _set_malloc() -> None:
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
     libc.mallopt(m_mmap_threshold, 64 * 1024)
     libc.mallopt(m_trim_threshold, 0)
+
+
+def _trim() -> None:
+    """``malloc_trim(0)``: glibc returns the free pages of its heaps to the kernel (``madvise``), so a step that
+    reuses them faults them in again and is seen."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _child(spec: dict, queue) -> None:

@@ -98,6 +98,13 @@ def batched_policy_and_reference(model, policy: nn.Module, noised, cond: dict) -
     and use more memory than ``adapter_off``. With gradient checkpointing the mask is applied again
     while a block is recomputed in backward (:func:`fastpref.train.memory.checkpoint`).
     """
+    from fastpref.train.memory import checkpoint
+
+    if any(getattr(m, "gradient_checkpointing", False) and getattr(m, "_gradient_checkpointing_func", None)
+           is not checkpoint for m in policy.modules()):
+        raise ValueError("the 'batched' reference mode needs gradient checkpointing enabled through "
+                         "fastpref.train.memory.enable_gradient_checkpointing (--gradient_checkpointing), whose "
+                         "recompute re-applies the per-sample adapter mask; another checkpoint function would not")
     layers = tuner_layers(policy)
     active = {name for layer in layers for name in layer.active_adapters}
     if len(active) != 1:
