@@ -115,8 +115,10 @@ def _text_fingerprint(model) -> str:
 
 def latents_fingerprint(model, dataset, rows: Sequence[int], seed: int) -> dict[str, str]:
     """What the latent cache depends on: the dataset (files, or a generated set's settings), the image
-    resolution and transform (flip, crop), which rows, the VAE (config and weights, in its dtype), the tokenizers and text
-    encoders, and the seed of the VAE samples."""
+    resolution and transform (flip, crop), which rows, the VAE (config and weights, in its dtype — the
+    pipeline's own or the one ``--pretrained_vae_model_name_or_path`` / ``--variant`` loaded), the tokenizers
+    and text encoders, and the seed of the VAE samples. Not ``--vae_encode_batch_size``: chunking does not
+    change the latents."""
     return {
         "format": LATENTS_FORMAT,
         "dataset": _sha256(_dataset_source(dataset)),
@@ -493,7 +495,9 @@ def _precompute_for_run(args) -> None:
                          "warm-up; precompute with --pretrained_model_name_or_path OUTPUT_DIR/sft_model --sft_steps 0")
     if args.epochs is not None and args.epochs < 1:
         raise ValueError(f"--epochs must be an integer ≥ 1, got {args.epochs}")
-    model = load_model(cfg.pretrained_model_name_or_path, revision=cfg.revision, **cfg.model_options())
+    model = load_model(cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant,
+                       vae=cfg.pretrained_vae_model_name_or_path, **cfg.model_options())
+    model.vae_encode_batch_size = cfg.vae_encode_batch_size
     dataset = build_dataset(cfg.dataset, resolution=cfg.resolution or 0, synthetic_size=cfg.synthetic_size,
                             seed=cfg.seed, random_flip=cfg.random_flip, random_crop=cfg.random_crop)
     dataset.resolution = cfg.resolution or model.resolution
