@@ -1,6 +1,6 @@
 """The C++ CPU op against the copy bandwidth and ``torch.compile``, timed in interleaved rounds.
 
-``python -m benchmarks.cpu_op [--threads 1] [--rounds 7] [--shapes sd15x16:fp32,…]``
+``python -m benchmarks.cpu_op [--threads 1] [--rounds 7] [--cases sd15x16:fp32,…]``
 
 For each case (``dmpo_loss`` with ``ref_pred`` and a full target, forward + backward) the providers
 run one after the other inside every round — ``copy`` (``dst.copy_(src)`` of the op's 6N·s bytes:
@@ -9,6 +9,13 @@ the eager reference), ``fastpref`` (the C++ op) — so a load spike from other p
 provider of a round alike; the table gives medians over rounds of wall and process CPU time, the
 op's bandwidth as % of the copy's, and its speed-up over compile. The machine is shared: read the
 ratios, and the load average printed with them, not the absolute times.
+
+``--threads 1,2`` interleaves thread counts as well: inside every round each provider runs at each
+count (``torch.set_num_threads``) in turn, and a second table gives the scaling, wall time at the
+first count over wall time at each other one, per provider. ``tiny`` (4 pairs of 4×8×8 latents) is
+the per-call overhead: the Python front end, the dispatcher and autograd, almost no data. ``--op``
+adds the provider ``op``: the same forward and backward kernels called through ``torch.ops`` with
+no front end and no autograd, so ``fastpref`` − ``op`` is what the Python layers and autograd cost.
 """
 
 from __future__ import annotations
@@ -23,9 +30,11 @@ import torch
 
 import fastpref
 from fastpref import reference
+from fastpref.ops.family import LOSS_IDS, REDUCTION_IDS, kernel_scalars
 
 #: name → (sample shape, pairs); the issue's three cases and the CPU sweep's larger ones
 SHAPES = {
+    "tiny": ((4, 8, 8), 4),
     "sd15x16": ((4, 64, 64), 16),
     "sdxlx16": ((4, 128, 128), 16),
     "sd3x8": ((16, 128, 128), 8),
@@ -58,7 +67,9 @@ def _timed(fn):
     return time.perf_counter() - w, time.process_time() - c
 
 
-def run_case(name, dtype_name, rounds, log=print):
+def run_case(name, dtype_name, rounds, log=print, threads=(1,), op=False):
+    """Time the providers on one case, interleaved in every round (and over ``threads``); returns one
+    row per thread count (medians over rounds) and logs each."""
     shape, pairs = SHAPES[name]
     dt = DTYPES[dtype_name]
     model, ref, target = inputs(shape, pairs, dt)
@@ -75,43 +86,85 @@ def run_case(name, dtype_name, rounds, log=print):
         return go
 
     providers = {"copy": lambda: dst.copy_(src), "compile": step(compiled), "fastpref": step(_fastpref)}
-    for fn in providers.values():  # warm-up: compile, build, first-touch
-        fn()
-        fn()
-    times = {k: [] for k in providers}
+    if op:  # the kernels alone: forward + backward through torch.ops, no front end, no autograd
+        detached, upstream = model.detach(), torch.ones(())
+        scalars = kernel_scalars("dmpo", beta=5000.0, alpha=0.01)
+        ids = LOSS_IDS["dmpo"], REDUCTION_IDS["mean"]
+
+        def op_only():
+            out = torch.ops.fastpref.pair_loss_fwd(detached, ref, target, None, ids[0], *scalars, ids[1])
+            torch.ops.fastpref.pair_loss_bwd(upstream, detached, target, out[3], ids[1])
+
+        providers["op"] = op_only
+    for th in threads:  # warm-up: compile, build, first-touch, each thread count's pool
+        torch.set_num_threads(th)
+        for fn in providers.values():
+            fn()
+            fn()
+    times = {(th, k): [] for th in threads for k in providers}
     for _ in range(rounds):
-        for k, fn in providers.items():
-            times[k].append(_timed(fn))
-    med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in times.items()}
-    row = {
-        "case": f"{name} {dtype_name}",
-        "MiB": nbytes / 2**20,
-        **{f"{k} ms": med[k][0] * 1e3 for k in providers},
-        **{f"{k} cpu ms": med[k][1] * 1e3 for k in providers},
-        "% copy BW": 100 * med["copy"][0] / med["fastpref"][0],
-        "% copy BW (cpu)": 100 * med["copy"][1] / med["fastpref"][1],
-        "vs compile": med["compile"][0] / med["fastpref"][0],
-        "vs compile (cpu)": med["compile"][1] / med["fastpref"][1],
-        "load": os.getloadavg()[0],
-    }
-    log(" | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()))
-    return row
+        for th in threads:
+            torch.set_num_threads(th)
+            for k, fn in providers.items():
+                times[th, k].append(_timed(fn))
+    rows = []
+    for th in threads:
+        med = {k: (statistics.median(w for w, _ in times[th, k]), statistics.median(c for _, c in times[th, k]))
+               for k in providers}  # fmt: skip
+        row = {
+            "case": f"{name} {dtype_name}",
+            "threads": th,
+            "MiB": nbytes / 2**20,
+            **{f"{k} ms": med[k][0] * 1e3 for k in providers},
+            **{f"{k} cpu ms": med[k][1] * 1e3 for k in providers},
+            "% copy BW": 100 * med["copy"][0] / med["fastpref"][0],
+            "% copy BW (cpu)": 100 * med["copy"][1] / med["fastpref"][1],
+            "vs compile": med["compile"][0] / med["fastpref"][0],
+            "vs compile (cpu)": med["compile"][1] / med["fastpref"][1],
+            "load": os.getloadavg()[0],
+        }
+        log(" | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()))
+        rows.append(row)
+    return rows
+
+
+def scaling(rows):
+    """Wall-time scaling of each provider from the first thread count to each other one."""
+    base = rows[0]
+    out = []
+    for row in rows[1:]:
+        out.append({"case": row["case"], "threads": f"{base['threads']} → {row['threads']}",
+                    **{k: base[f"{k} ms"] / row[f"{k} ms"] for k in ("copy", "compile", "fastpref")},
+                    "load": row["load"]})  # fmt: skip
+    return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.cpu_op", description=__doc__.split("\n\n")[0])
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", default="1", help="torch threads, or a comma-separated list to interleave (1,2)")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--cases", default=DEFAULT, help=f"comma-separated name:dtype, names {sorted(SHAPES)}")
+    p.add_argument("--op", action="store_true", help="also time the op's kernels alone (no front end, no autograd)")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    print(f"# {torch.get_num_threads()} thread(s), torch {torch.__version__}, load average {os.getloadavg()}")
-    cols = ["case", "MiB moved", "copy ms", "compile ms", "fastpref ms", "copy CPU ms", "compile CPU ms",
+    threads = tuple(int(t) for t in args.threads.split(","))
+    print(f"# thread counts {threads}, torch {torch.__version__}, load average {os.getloadavg()}")
+    cols = ["case", "threads", "MiB moved", "copy ms", "compile ms", "fastpref ms", "copy CPU ms", "compile CPU ms",
             "fastpref CPU ms", "% copy BW", "% copy BW (CPU time)", "vs compile", "vs compile (CPU time)", "load"]  # fmt: skip
+    if args.op:
+        cols[6:6] = ["op ms"]
+        cols[10:10] = ["op CPU ms"]
     print("| " + " | ".join(cols) + " |\n|" + " --- |" * len(cols))
+    rows = []
     for spec in args.cases.split(","):
         name, dtype_name = spec.split(":")
-        run_case(name, dtype_name, args.rounds, log=lambda line: print(f"| {line} |", flush=True))
+        rows.append(run_case(name, dtype_name, args.rounds, log=lambda line: print(f"| {line} |", flush=True),
+                             threads=threads, op=args.op))  # fmt: skip
+    if len(threads) > 1:
+        print("\nScaling, wall time at the first thread count / at the other:\n")
+        print("| case | threads | copy | compile | fastpref | load |\n|" + " --- |" * 6)
+        for case_rows in rows:
+            for r in scaling(case_rows):
+                print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
     print(f"# load average at the end {os.getloadavg()}")
     return 0
 

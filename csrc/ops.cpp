@@ -1,7 +1,7 @@
 // Schemas of the fused pair-loss ops (the library "fastpref") and the checks every device's
 // implementation shares. The CPU kernels are in cpu/pair_loss_cpu.cpp, the CUDA ones in
-// cuda/pair_loss_cuda.cu; fake (meta) implementations and autograd are registered from Python
-// (fastpref/ops/library.py), as the PyTorch custom-op tutorial does.
+// cuda/pair_loss_cuda.cu; autograd in autograd.cpp; the fake (meta) implementations are registered
+// from Python (fastpref/ops/library.py), as the PyTorch custom-op tutorial does.
 #include "pair_loss.h"
 
 #include <torch/library.h>
@@ -62,10 +62,4 @@ TORCH_LIBRARY(fastpref, m) {
       "float beta, float c0, float c1, int reduction) -> (Tensor, Tensor, Tensor, Tensor)");
   // ∂L/∂model_pred = grad_out · coef · dl_de[k] · (model_pred[k] − target[k]), model_pred's dtype.
   m.def("pair_loss_bwd(Tensor grad_out, Tensor model_pred, Tensor target, Tensor dl_de, int reduction) -> Tensor");
-}
-
-// pair_loss_bwd is not differentiable (no double backward): autograd passes through it, so its
-// output does not require grad and a second backward fails loudly instead of silently.
-TORCH_LIBRARY_IMPL(fastpref, Autograd, m) {
-  m.impl("pair_loss_bwd", torch::CppFunction::makeFallthrough());
 }

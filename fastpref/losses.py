@@ -23,6 +23,8 @@ from typing import NamedTuple
 import torch
 
 from fastpref import reference
+from fastpref.ops import extension, triton_available
+from fastpref.ops.cpp import cpp_pair_loss
 from fastpref.ops.family import CPP_LOSSES, interpreter_enabled, kernel_scalars
 from fastpref.stats import KTOStats, PreferenceStats, implicit_accuracy, preference_stats
 
@@ -48,6 +50,8 @@ def _check_float_tensor(name: str, x) -> None:
 
 
 def _check_real(name: str, value) -> float:
+    if type(value) is float and -math.inf < value < math.inf:  # the common case, without the ABC check
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
@@ -57,6 +61,8 @@ def _check_real(name: str, value) -> float:
 
 
 def _check_positive(name: str, value) -> float:
+    if type(value) is float and 0.0 < value < math.inf:  # the common case, without the ABC check
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
@@ -79,6 +85,8 @@ def _check_choice(name: str, value, choices) -> str:
 
 
 def check_alpha(alpha) -> float:
+    if type(alpha) is float and 0.0 < alpha < 1.0:  # the common case, without the ABC check
+        return alpha
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise TypeError(f"alpha must be a real number, got {type(alpha).__name__}")
     alpha = float(alpha)
@@ -115,7 +123,7 @@ def check_pair_inputs(model_pred, ref_pred, target, ref_err, *, need_ref: bool =
         raise ValueError(f"model_pred must have a leading sample dimension N ≥ 1, got shape {tuple(model_pred.shape)}")
     n = model_pred.shape[0]
     b = n // 2 if paired else n
-    if model_pred[0].numel() == 0:
+    if model_pred.numel() == 0:  # the leading dimension is ≥ 1 here
         raise ValueError(f"model_pred has no elements per sample, shape {tuple(model_pred.shape)}")
     sample_shape = model_pred.shape[1:]
     device = model_pred.device
@@ -189,8 +197,6 @@ def resolve_backend(backend: str, device: torch.device, loss: str | None = None)
     needs the interpreter; ``"cpu"``/``"cuda"`` need the extension, a tensor on that device and a
     loss the extension implements (:data:`fastpref.ops.family.CPP_LOSSES`; not kto, not the RPO
     matrix). ``loss=None`` asks about the pair-loss family in general."""
-    from fastpref.ops import extension, triton_available
-
     _check_choice("backend", backend, BACKENDS)
     if backend == "torch":
         return "torch"
@@ -228,7 +234,10 @@ def result_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     """The dtype of every loss and statistic fastpref returns, on every backend: float64 when any
     input tensor is float64, else float32 (fp16/bf16 inputs give an fp32 loss). The Triton kernels
     accumulate in fp32 even for fp64 input, so there an fp64 result carries fp32 accuracy."""
-    return reference.compute_dtype(*(t for t in tensors if t is not None))
+    for t in tensors:  # reference.compute_dtype's rule, as a loop: this runs on every call
+        if t is not None and t.dtype == torch.float64:
+            return torch.float64
+    return torch.float32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,10 +252,35 @@ class _Out(NamedTuple):
     ref_err: torch.Tensor  # (N,) e_ref (0 for the reference-free losses)
 
 
-def _run(loss, model_pred, ref_pred, target, ref_err, *, reduction, backend, labels=None, **params) -> _Out:
+class _FusedOut:
+    """:class:`_Out` of a fused kernel: the loss in the result dtype ``dt``; the statistics split from
+    the kernel's ``(2, N)`` errors and converted only when read (most calls want only the loss, and
+    each tensor op is a measurable share of a small batch's call)."""
+
+    __slots__ = ("loss", "_u", "_err", "_dt")
+
+    def __init__(self, loss: torch.Tensor, u: torch.Tensor, err: torch.Tensor, dt: torch.dtype):
+        self.loss, self._u, self._err, self._dt = _to(loss, dt), u, err, dt
+
+    @property
+    def u(self) -> torch.Tensor:
+        return _to(self._u, self._dt)
+
+    @property
+    def model_err(self) -> torch.Tensor:
+        return _to(self._err[0], self._dt)
+
+    @property
+    def ref_err(self) -> torch.Tensor:
+        return _to(self._err[1], self._dt)
+
+
+def _run(loss, model_pred, ref_pred, target, ref_err, *, reduction, backend, labels=None, **params):
     """Run one loss of the fused family on validated inputs, on the backend :func:`resolve_backend`
     picks. ``params``: the loss's named parameters (:func:`fastpref.ops.family.kernel_scalars` maps
-    them to the kernels' scalars; :func:`fastpref.reference.family_loss` reads them by name)."""
+    them to the kernels' scalars; :func:`fastpref.reference.family_loss` reads them by name). Returns
+    an :class:`_Out` (or the same fields, :class:`_FusedOut`)."""
+    dt = result_dtype(model_pred, ref_pred, target, ref_err)
     resolved = resolve_backend(backend, model_pred.device, loss)
     if resolved == "triton":
         from fastpref.ops.library import triton_pair_loss  # the Triton family as a torch.library op
@@ -254,24 +288,27 @@ def _run(loss, model_pred, ref_pred, target, ref_err, *, reduction, backend, lab
         beta, c0, c1 = kernel_scalars(loss, **params)
         out, u, err = triton_pair_loss(loss, model_pred, ref_pred, target, ref_err, beta=beta, c0=c0, c1=c1,
                                        reduction=reduction, labels=labels)  # fmt: skip
-        model_err, ref_err_out = err[0], err[1]
-    elif resolved in ("cpu", "cuda"):
-        from fastpref.ops.cpp import cpp_pair_loss
-
+        return _FusedOut(out, u, err, dt)
+    if resolved in ("cpu", "cuda"):
         beta, c0, c1 = kernel_scalars(loss, **params)
         out, u, err = cpp_pair_loss(loss, model_pred, ref_pred, target, ref_err, beta=beta, c0=c0, c1=c1,
                                     reduction=reduction)  # fmt: skip
-        model_err, ref_err_out = err[0], err[1]
+        return _FusedOut(out, u, err, dt)
+    # the reference
+    model_err = reference.pair_errors(model_pred, target)
+    if ref_pred is not None:
+        ref_err_out = reference.pair_errors(ref_pred, target)
     else:
-        model_err = reference.pair_errors(model_pred, target)
-        if ref_pred is not None:
-            ref_err_out = reference.pair_errors(ref_pred, target)
-        else:
-            ref_err_out = torch.zeros_like(model_err) if ref_err is None else ref_err.to(model_err.dtype)
-        losses, u = reference.family_loss(loss, model_err, ref_err_out, labels=labels, **params)
-        out = reference.reduce(losses, reduction)
-    dt = result_dtype(model_pred, ref_pred, target, ref_err)
-    return _Out(out.to(dt), u.to(dt), model_err.to(dt), ref_err_out.to(dt))
+        ref_err_out = torch.zeros_like(model_err) if ref_err is None else ref_err.to(model_err.dtype)
+    losses, u = reference.family_loss(loss, model_err, ref_err_out, labels=labels, **params)
+    out = reference.reduce(losses, reduction)
+    return _Out(_to(out, dt), _to(u, dt), _to(model_err, dt), _to(ref_err_out, dt))
+
+
+def _to(t: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """``t.to(dt)``, without the call where the dtype is ``dt`` already (four such calls are a
+    measurable share of a small batch's forward + backward)."""
+    return t if t.dtype == dt else t.to(dt)
 
 
 def _ref_free_stats(u, model_err, reward_fn) -> PreferenceStats:

@@ -255,15 +255,44 @@ at::Tensor gradient_buffer(const at::Tensor& like) {
   return at::empty({0}, opts).set_(cached, 0, like.sizes(), c10::contiguous_strides(like.sizes()));
 }
 
+// The (n, D) rows of x: data pointer and row stride, with no dispatcher call when x is contiguous
+// (the common case: a small batch's forward + backward is otherwise dominated by such calls); else
+// through as_rows (a strided view where the rows allow it, one copy otherwise), kept alive in `hold`.
+struct Rows {
+  at::Tensor hold;
+  const void* data;
+  int64_t stride, D;
+};
+
+Rows rows_of(const at::Tensor& x, int64_t n) {
+  if (x.is_contiguous()) {
+    const int64_t D = x.numel() / n;
+    return {at::Tensor(), x.const_data_ptr(), D, D};
+  }
+  at::Tensor r = as_rows(x, n);
+  const void* data = r.const_data_ptr();
+  const int64_t stride = r.stride(0), D = r.size(1);
+  return {std::move(r), data, stride, D};
+}
+
+// A 1-d fp32/fp64 input (grad_out, dl_de, ref_err) as a contiguous acc_t array: itself when it is
+// one already, else a converted copy kept in `hold`.
+template <typename acc_t>
+const acc_t* acc_data(const at::Tensor& x, at::Tensor& hold) {
+  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  if (x.scalar_type() == acc_type && x.is_contiguous()) return x.const_data_ptr<acc_t>();
+  hold = x.to(acc_type).contiguous();
+  return hold.const_data_ptr<acc_t>();
+}
+
 template <typename scalar_t>
-void partial_sums(const at::Tensor& m2, const at::Tensor* r2, const at::Tensor& t2, int64_t B, int64_t D,
-                  int64_t nchunks, at::opmath_type<scalar_t>* partial /* (2B·nchunks, 4)-ish, see below */) {
+void partial_sums(const Rows& m2, const Rows* r2, const Rows& t2, int64_t B, bool shared, int64_t nchunks,
+                  at::opmath_type<scalar_t>* partial /* (B·nchunks, 4), see below */) {
   using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* m = m2.data_ptr<scalar_t>();
-  const scalar_t* r = r2 ? r2->data_ptr<scalar_t>() : nullptr;
-  const scalar_t* t = t2.data_ptr<scalar_t>();
-  const int64_t sm = m2.stride(0), sr = r2 ? r2->stride(0) : 0, st = t2.stride(0);
-  const bool shared = t2.size(0) != 2 * B;
+  const scalar_t* m = static_cast<const scalar_t*>(m2.data);
+  const scalar_t* r = r2 ? static_cast<const scalar_t*>(r2->data) : nullptr;
+  const scalar_t* t = static_cast<const scalar_t*>(t2.data);
+  const int64_t sm = m2.stride, sr = r2 ? r2->stride : 0, st = t2.stride, D = m2.D;
   const int64_t grain = std::max<int64_t>(1, kMinPerThread / std::min(D, kChunk));
   at::parallel_for(0, B * nchunks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
@@ -293,31 +322,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pair_loss_fwd_cpu(
     const c10::optional<at::Tensor>& ref_err, int64_t loss, double beta, double c0, double c1, int64_t reduction) {
   check_fwd_inputs(model_pred, ref_pred, target, ref_err, loss, reduction);
   const int64_t n = model_pred.size(0), B = n / 2;
-  const at::Tensor m2 = as_rows(model_pred, n);
-  const at::Tensor t2 = as_rows(target, target.size(0));
-  const at::Tensor r2 = ref_pred.has_value() ? as_rows(*ref_pred, n) : at::Tensor();
-  const int64_t D = m2.size(1);
+  const Rows m2 = rows_of(model_pred, n);
+  const Rows t2 = rows_of(target, target.size(0));
+  const Rows r2 = ref_pred.has_value() ? rows_of(*ref_pred, n) : Rows{};
+  const int64_t D = m2.D;
   const int64_t nchunks = (D + kChunk - 1) / kChunk;
+  const bool shared = target.size(0) != n;
 
   const auto acc_type = model_pred.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = model_pred.options().dtype(acc_type);
   at::Tensor errors = at::empty({2, n}, opts);
   at::Tensor margin = at::empty({B}, opts);
-  at::Tensor losses = at::empty({B}, opts);
+  at::Tensor losses = reduction == kNone ? at::empty({B}, opts) : at::Tensor();
   at::Tensor dl_de = at::empty({n}, opts);
-  at::Tensor total = at::empty({}, opts);
-  at::Tensor ref_err_acc = ref_err.has_value() ? ref_err->to(acc_type).contiguous() : at::Tensor();
+  at::Tensor total = reduction == kNone ? at::Tensor() : at::empty({}, opts);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, model_pred.scalar_type(), "pair_loss_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     std::vector<acc_t> partial(static_cast<size_t>(B * nchunks * 4));
-    partial_sums<scalar_t>(m2, r2.defined() ? &r2 : nullptr, t2, B, D, nchunks, partial.data());
+    partial_sums<scalar_t>(m2, ref_pred.has_value() ? &r2 : nullptr, t2, B, shared, nchunks, partial.data());
 
+    at::Tensor ref_err_hold;
+    const acc_t* re = ref_err.has_value() ? acc_data<acc_t>(*ref_err, ref_err_hold) : nullptr;
     acc_t* e = errors.data_ptr<acc_t>();  // [e_θ (2B) | e_ref (2B)]
     acc_t* u = margin.data_ptr<acc_t>();
-    acc_t* l = losses.data_ptr<acc_t>();
+    acc_t* l = losses.defined() ? losses.data_ptr<acc_t>() : nullptr;
     acc_t* g = dl_de.data_ptr<acc_t>();
-    const acc_t* re = ref_err_acc.defined() ? ref_err_acc.data_ptr<acc_t>() : nullptr;
     double sum = 0.0;
     for (int64_t i = 0; i < B; ++i) {  // O(B·nchunks) work: serial, in a fixed order
       double s[4] = {0.0, 0.0, 0.0, 0.0};
@@ -334,12 +364,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pair_loss_fwd_cpu(
       e[n + i] = rw;
       e[n + i + B] = rl;
       u[i] = p.u;
-      l[i] = p.loss;
+      if (l) l[i] = p.loss;
       g[i] = p.dl_dmw;
       g[i + B] = p.dl_dml;
       sum += static_cast<double>(p.loss);
     }
-    total.fill_(reduction == kMean ? sum / B : sum);
+    if (total.defined()) *total.data_ptr<acc_t>() = static_cast<acc_t>(reduction == kMean ? sum / B : sum);
   });
   return {reduction == kNone ? losses : total, margin, errors, dl_de};
 }
@@ -348,10 +378,10 @@ at::Tensor pair_loss_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& model
                              const at::Tensor& dl_de, int64_t reduction) {
   const int64_t n = model_pred.size(0), B = n / 2;
   check_bwd_inputs(grad_out, model_pred, dl_de, reduction);
-  const at::Tensor m2 = as_rows(model_pred, n);
-  const at::Tensor t2 = as_rows(target, target.size(0));
-  const int64_t D = m2.size(1);
-  const bool shared = t2.size(0) != n;
+  const Rows m2 = rows_of(model_pred, n);
+  const Rows t2 = rows_of(target, target.size(0));
+  const int64_t D = m2.D;
+  const bool shared = target.size(0) != n;
   at::Tensor grad = gradient_buffer(model_pred);
   const int64_t nchunks = (D + kChunk - 1) / kChunk;
   // coef = 2/D (· 1/B for "mean"), as in the Triton backward
@@ -359,15 +389,13 @@ at::Tensor pair_loss_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& model
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, model_pred.scalar_type(), "pair_loss_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    const at::Tensor go = grad_out.to(acc_type).contiguous().reshape({-1});
-    const at::Tensor dl = dl_de.to(acc_type).contiguous();
-    const acc_t* gop = go.data_ptr<acc_t>();
-    const acc_t* dlp = dl.data_ptr<acc_t>();
-    const scalar_t* m = m2.data_ptr<scalar_t>();
-    const scalar_t* t = t2.data_ptr<scalar_t>();
+    at::Tensor go_hold, dl_hold;
+    const acc_t* gop = acc_data<acc_t>(grad_out, go_hold);  // () or (B,): contiguous, so flat
+    const acc_t* dlp = acc_data<acc_t>(dl_de, dl_hold);
+    const scalar_t* m = static_cast<const scalar_t*>(m2.data);
+    const scalar_t* t = static_cast<const scalar_t*>(t2.data);
     scalar_t* out = grad.data_ptr<scalar_t>();
-    const int64_t sm = m2.stride(0), st = t2.stride(0);
+    const int64_t sm = m2.stride, st = t2.stride;
     const int64_t grain = std::max<int64_t>(1, kMinPerThread / std::min(D, kChunk));
     const bool stream = kStreamingStores && kVectorised<scalar_t> && grad.nbytes() >= kStreamMinBytes;
     at::parallel_for(0, n * nchunks, grain, [&](int64_t begin, int64_t end) {

@@ -10,7 +10,8 @@ a flag changes, and a file lock serialises concurrent builds. Where CUDA is avai
 op runs on both devices.
 
 Loading registers the ops ``torch.ops.fastpref.pair_loss_fwd`` / ``pair_loss_bwd`` (schemas:
-``csrc/ops.cpp``); :mod:`fastpref.ops.library` then adds their fake implementations and autograd.
+``csrc/ops.cpp``, autograd: ``csrc/autograd.cpp``); :mod:`fastpref.ops.library` then adds their fake
+implementations.
 If the build fails (no compiler, no ninja, no ``csrc/`` in a wheel install) the reason is kept,
 :func:`available` returns False and ``backend="auto"`` falls back to the PyTorch reference with one
 warning.
@@ -38,8 +39,9 @@ _state: tuple[bool, str | None] | None = None
 
 
 def sources(with_cuda: bool) -> list[str]:
-    """The files of the extension: the op schemas, the CPU kernels, and the CUDA kernels if asked."""
-    files = [CSRC / "ops.cpp", CSRC / "cpu" / "pair_loss_cpu.cpp"]
+    """The files of the extension: the op schemas, their autograd, the CPU kernels, and the CUDA
+    kernels if asked."""
+    files = [CSRC / "ops.cpp", CSRC / "autograd.cpp", CSRC / "cpu" / "pair_loss_cpu.cpp"]
     if with_cuda:
         files.append(CSRC / "cuda" / "pair_loss_cuda.cu")
     return [str(f) for f in files]
@@ -137,11 +139,26 @@ def load() -> bool:
     return _state[0]
 
 
+# (the _state it was read under, {device type: has a kernel}): the dispatcher query costs more
+# than the rest of a small call's front end, and its answer changes only when the library does
+_kernels: tuple[tuple[bool, str | None] | None, dict[str, bool]] = (None, {})
+
+
 @torch.compiler.assume_constant_result  # evaluated once at trace time: no graph break, no build inside a graph
 def has_kernel(device_type: str) -> bool:
     """True when the loaded library has a kernel for ``device_type`` (``"cpu"`` or ``"cuda"``); the
     first call may build it."""
-    return load() and torch._C._dispatch_has_kernel_for_dispatch_key("fastpref::pair_loss_fwd", device_type.upper())
+    global _kernels
+    if not load():
+        return False
+    if _kernels[0] is not _state:
+        _kernels = (_state, {})
+    known = _kernels[1]
+    if device_type not in known:
+        known[device_type] = torch._C._dispatch_has_kernel_for_dispatch_key(
+            "fastpref::pair_loss_fwd", device_type.upper()
+        )
+    return known[device_type]
 
 
 def available() -> bool:

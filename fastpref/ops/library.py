@@ -1,16 +1,15 @@
 """``torch.library`` registrations of the pair-loss ops, so the PyTorch compiler can use them.
 
 **C++/CUDA ops.**
-The C++ library (``csrc/ops.cpp``) defines the schemas and the device kernels of
-``fastpref::pair_loss_fwd`` and ``fastpref::pair_loss_bwd``; this module adds what the compiler
-and autograd need, as the PyTorch custom-op tutorial prescribes:
-
-* fake (meta) implementations — output shapes and dtypes without running a kernel, so
-  ``torch.compile`` (also with dynamic shapes) traces through the op with no graph break;
-* autograd for ``pair_loss_fwd``: the backward is ``pair_loss_bwd``, which re-reads
-  ``model_pred`` and ``target``. Only the loss output is differentiable; margin, errors and
-  ∂ℓ/∂e_θ are statistics (the front end detaches them), and ``ref_pred``/``target``/``ref_err``
-  get no gradient (the front end refuses inputs that require one).
+The C++ library defines the schemas (``csrc/ops.cpp``), the device kernels and the autograd of
+``fastpref::pair_loss_fwd`` (``csrc/autograd.cpp``: its backward is ``pair_loss_bwd``, which re-reads
+``model_pred`` and ``target``; only the loss output is differentiable — margin, errors and
+∂ℓ/∂e_θ are statistics — and ``ref_pred``/``target``/``ref_err`` get no gradient, as the front end
+refuses inputs that require one). Autograd is in C++ because the Python route
+(``torch.library.register_autograd``) costs more per call than the kernels of a small batch. This
+module adds what the compiler needs, as the PyTorch custom-op tutorial prescribes: fake (meta)
+implementations — output shapes and dtypes without running a kernel, so ``torch.compile`` (also with
+dynamic shapes) traces through the op with no graph break.
 
 **Triton ops.** ``fastpref::triton_pair_loss_fwd`` / ``triton_pair_loss_bwd`` wrap the launchers
 of :mod:`fastpref.ops.pair_loss` as ``torch.library.custom_op`` s with the same outputs, fake
@@ -51,28 +50,13 @@ def _pair_loss_bwd_fake(grad_out, model_pred, target, dl_de, reduction):
     return torch.empty_like(model_pred, memory_format=torch.contiguous_format)
 
 
-def _setup_context(ctx, inputs, output):
-    model_pred, _ref_pred, target, _ref_err, _loss, _beta, _c0, _c1, reduction = inputs
-    ctx.save_for_backward(model_pred, target, output[3])
-    ctx.reduction = reduction
-
-
-def _backward(ctx, grad_loss, _grad_margin, _grad_errors, _grad_dl_de):
-    model_pred, target, dl_de = ctx.saved_tensors
-    grad = None
-    if ctx.needs_input_grad[0]:
-        grad = torch.ops.fastpref.pair_loss_bwd(grad_loss, model_pred, target, dl_de, ctx.reduction)
-    return grad, None, None, None, None, None, None, None, None
-
-
 def register() -> None:
-    """Add fake implementations and autograd to the ops (once, after the library is loaded)."""
+    """Add fake implementations to the ops (once, after the library is loaded)."""
     global _registered
     if _registered:
         return
     torch.library.register_fake("fastpref::pair_loss_fwd")(_pair_loss_fwd_fake)
     torch.library.register_fake("fastpref::pair_loss_bwd")(_pair_loss_bwd_fake)
-    torch.library.register_autograd("fastpref::pair_loss_fwd", _backward, setup_context=_setup_context)
     _registered = True
 
 

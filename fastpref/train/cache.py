@@ -41,8 +41,8 @@ __all__ = ["LATENTS_FORMAT", "REF_ERR_FORMAT", "module_fingerprint", "files_fing
            "reference_fingerprint", "encode", "LatentCache", "collate_cached", "RefErrorCache", "precompute",
            "epochs_needed", "latent_cache_for_run", "ref_cache_for_run", "main"]
 
-LATENTS_FORMAT = "fastpref-latents-v2"
-REF_ERR_FORMAT = "fastpref-ref-err-v2"
+LATENTS_FORMAT = "fastpref-latents-v3"
+REF_ERR_FORMAT = "fastpref-ref-err-v3"
 _KIND, _FINGERPRINT = "fastpref.kind", "fastpref.fingerprint"
 
 
@@ -115,8 +115,10 @@ def _text_fingerprint(model) -> str:
 
 def latents_fingerprint(model, dataset, rows: Sequence[int], seed: int) -> dict[str, str]:
     """What the latent cache depends on: the dataset (files, or a generated set's settings), the image
-    resolution and transform (flip, crop), which rows, the VAE (config and weights, in its dtype), the tokenizers and text
-    encoders, and the seed of the VAE samples."""
+    resolution and transform (flip, crop), which rows, the VAE (config and weights, in its dtype — the
+    pipeline's own or the one ``--pretrained_vae_model_name_or_path`` / ``--variant`` loaded), the tokenizers
+    and text encoders, and the seed of the VAE samples. Not ``--vae_encode_batch_size``: chunking does not
+    change the latents."""
     return {
         "format": LATENTS_FORMAT,
         "dataset": _sha256(_dataset_source(dataset)),
@@ -214,7 +216,7 @@ def encode(model, batch: dict, seed: int, device) -> tuple[torch.Tensor, dict[st
     """The stacked latents ``(2B, C, h, w)`` (winners, then losers) and conditioning ``{name: (2B, …)}``
     of a batch: read from ``batch["latents"]``/``batch["cond"]`` (a latent-cache batch,
     :func:`collate_cached`), else the VAE (posterior sample of row i, image j drawn with
-    ``(seed, i, j)``), the text encoders and the images' own conditioning (SDXL's time ids). An unpaired
+    ``(seed, i, j, −2)``), the text encoders and the images' own conditioning (SDXL's time ids). An unpaired
     batch (one image per row) gives ``(B, …)``."""
     if "latents" in batch:  # --cache_latents: no VAE, no text encoder
         rows = batch["latents"].to(device)  # (B, images, C, h, w)
@@ -493,7 +495,9 @@ def _precompute_for_run(args) -> None:
                          "warm-up; precompute with --pretrained_model_name_or_path OUTPUT_DIR/sft_model --sft_steps 0")
     if args.epochs is not None and args.epochs < 1:
         raise ValueError(f"--epochs must be an integer ≥ 1, got {args.epochs}")
-    model = load_model(cfg.pretrained_model_name_or_path, revision=cfg.revision, **cfg.model_options())
+    model = load_model(cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant,
+                       vae=cfg.pretrained_vae_model_name_or_path, **cfg.model_options())
+    model.vae_encode_batch_size = cfg.vae_encode_batch_size
     dataset = build_dataset(cfg.dataset, resolution=cfg.resolution or 0, synthetic_size=cfg.synthetic_size,
                             seed=cfg.seed, random_flip=cfg.random_flip, random_crop=cfg.random_crop)
     dataset.resolution = cfg.resolution or model.resolution

@@ -15,11 +15,12 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 
+from fastpref.train.models import TINY_MODELS
 from fastpref.train.noise import WEIGHTING_SCHEMES
 from fastpref.train.reference import REFERENCE_MODES
 from fastpref.train.transforms import check_transform_flags
 
-__all__ = ["TrainConfig", "build_parser", "parse_args", "config_from_values", "load_toml"]
+__all__ = ["TrainConfig", "build_parser", "parse_args", "config_from_values", "load_toml", "catalogue"]
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -32,6 +33,8 @@ class TrainConfig:
     # -- model: a hub id, a local diffusers folder, or an embedded tiny model built from configs
     pretrained_model_name_or_path: str = "fastpref:tiny-unet"
     revision: str | None = None
+    variant: str | None = None  # diffusers' weight variant (fp16, …) of every component with weights
+    pretrained_vae_model_name_or_path: str | None = None  # a separate VAE (e.g. madebyollin/sdxl-vae-fp16-fix)
     # -- data: "synthetic", a Pick-a-Pic-style parquet file or folder of them, or a metadata.jsonl folder
     dataset: str = "synthetic"
     synthetic_size: int = 512
@@ -79,6 +82,11 @@ class TrainConfig:
     # -- what is trained
     lora_rank: int = 8  # 0 = full fine-tune
     lora_alpha: int | None = None  # None: = lora_rank
+    # -- memory and speed (the diffusers SDXL DPO script's flags; fastpref/train/memory.py)
+    gradient_checkpointing: bool = False
+    use_8bit_adam: bool = False  # bitsandbytes.optim.AdamW8bit
+    allow_tf32: bool = False
+    vae_encode_batch_size: int = 8  # images per VAE encode call (in the step and the latent-cache build)
     # -- optimisation
     mixed_precision: str = "no"
     train_batch_size: int = 4  # pairs per device per micro-batch
@@ -145,8 +153,16 @@ class TrainConfig:
         need(
             isinstance(self.pretrained_model_name_or_path, str) and self.pretrained_model_name_or_path != "",
             "--pretrained_model_name_or_path is required: a hub id (stabilityai/stable-diffusion-3.5-medium), a "
-            "local diffusers folder, or fastpref:tiny-unet / fastpref:tiny-unet-v / fastpref:tiny-sdxl / fastpref:tiny-sd3",
+            f"local diffusers folder, or {' / '.join(TINY_MODELS)}",
         )
+        need(self.pretrained_vae_model_name_or_path is None or (
+            isinstance(self.pretrained_vae_model_name_or_path, str) and self.pretrained_vae_model_name_or_path != ""),
+             "--pretrained_vae_model_name_or_path must be a VAE folder or hub id (e.g. madebyollin/sdxl-vae-fp16-fix), "
+             f"got {self.pretrained_vae_model_name_or_path!r}")
+        need(self.variant is None or (isinstance(self.variant, str) and self.variant.isidentifier()),
+             f"--variant must be a weight variant name such as fp16 (files *.fp16.safetensors), got {self.variant!r}")
+        for name in ("gradient_checkpointing", "use_8bit_adam", "allow_tf32"):
+            need(isinstance(getattr(self, name), bool), f"--{name} must be true or false, got {getattr(self, name)!r}")
         need(self.loss in OBJECTIVES, loss_choices_error(self.loss))
         if OBJECTIVES[self.loss].needs_clip:
             from fastpref.train.clip_embed import check_clip_flags
@@ -188,7 +204,7 @@ class TrainConfig:
         if self.lora_alpha is not None:
             positive_int("lora_alpha")
         for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps",
-                     "logging_steps", "num_inference_steps", "synthetic_size"):
+                     "logging_steps", "num_inference_steps", "synthetic_size", "vae_encode_batch_size"):
             positive_int(name)
         for name in ("sft_steps", "lr_warmup_steps", "validation_steps", "eval_pairs", "dataloader_num_workers", "seed",
                      "validation_seed"):
@@ -251,6 +267,25 @@ _HELP = {
 }
 
 
+def catalogue() -> str:
+    """What ``--help`` lists after the flags: the model families, the embedded models and the losses
+    (generated from :data:`~fastpref.train.models.FAMILIES`, :data:`~fastpref.train.models.TINY_MODELS` and
+    the ``--loss`` registry, so a new entry there appears here)."""
+    import textwrap
+
+    from fastpref.train.models import FAMILIES, TINY_MODELS
+    from fastpref.train.objectives import OBJECTIVES
+
+    def para(text: str) -> str:
+        return textwrap.fill(text, width=100, subsequent_indent="  ", break_on_hyphens=False)
+
+    lines = ["model families (--pretrained_model_name_or_path: a hub id or a local diffusers folder):"]
+    lines += [para(f"  {name}: {text}") for name, text in FAMILIES.items()]
+    lines.append(para("embedded models (random init from configs, nothing downloaded): " + ", ".join(TINY_MODELS)))
+    lines.append(para("losses (--loss): " + ", ".join(sorted(OBJECTIVES))))
+    return "\n".join(lines)
+
+
 def _field_type(f: dataclasses.Field) -> str:
     return str(f.type).replace(" ", "")
 
@@ -272,6 +307,7 @@ def build_parser(prog: str = "fastpref-train", description: str | None = None) -
         prog=prog,
         description=description or "Preference fine-tuning (Diffusion-DPO, DMPO, …) of diffusers UNet and SD3-style "
         "models with fastpref's fused losses. Every flag is also a key of --config FILE.toml.",
+        epilog=catalogue(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", default=None, help="TOML file with any of the flags below as keys")
     for name, f in _FIELDS.items():

@@ -4,7 +4,9 @@ synthetic set generated on the fly.
 Every dataset yields ``{"pixel_values": (2, 3, H, W) in [−1, 1], winner first; "caption": str;
 "index": int; "original_size": (h, w); "crop_top_left": (y, x)}`` — the last two for SDXL's
 micro-conditioning, from the pair's transform (:class:`fastpref.train.transforms.PairTransform`: resize,
-``--random_flip``, ``--center_crop`` / ``--random_crop``, the same for both images). Rows that cannot be used are skipped and counted once in ``dataset.skipped`` (a dict
+``--random_flip``, ``--center_crop`` / ``--random_crop``, the same for both images).
+
+Rows that cannot be used are skipped and counted once in ``dataset.skipped`` (a dict
 ``reason → count`` the trainer logs), and where they are is kept in ``dataset.problems`` (``reason →
 ["file line N: what is wrong", …]``, the first few per reason): ties (``label_0 = 0.5``), missing
 captions and labels that are not numbers in [0, 1] when the index is built; corrupt images when they
@@ -142,9 +144,7 @@ def _decode(data: bytes):
 
     try:
         with Image.open(io.BytesIO(data)) as im:
-            rgb = im.convert("RGB")
-            rgb.load()
-            return rgb
+            return im.convert("RGB")  # a decoded copy: usable after the file is closed
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         return None
 

@@ -1,7 +1,7 @@
 """Diffusion-DRO's online half: a lagged copy of the policy, its sampling trajectories, and the step's batch.
 
 Diffusion-DRO ("Ranking-based Preference Optimization for Diffusion Models from Implicit User Feedback",
-Wu et al., 2025, arXiv:2510.18353) ranks an offline *expert* sample above the policy's own *online*
+Yi-Lun Wu et al., 2025, arXiv:2510.18353) ranks an offline *expert* sample above the policy's own *online*
 sample. The recipe here is the authors' code (github.com/basiclab/DiffusionDRO, ``train.py``, the
 training step around lines 753-768, and ``misc/buffer.py``, ``ReplayBuffer.callback_fn``):
 
@@ -42,7 +42,7 @@ loss.
 
 Determinism: x_T and r of pair i at epoch e come from a generator seeded with
 ``(seed, i, e, DRO_STREAM)``; the draw of micro-batch n on process p (entries, steps, expert noise)
-from ``(seed, n, p, DRO_STREAM)``. The lagged weights, the buffer and n are saved in every
+from ``(seed, n, p, DRO_STREAM + 1)``. The lagged weights, the buffer and n are saved in every
 checkpoint (``dro_lagged.safetensors`` by process 0 — the lagged copy is the same on every process —
 and ``dro_buffer_<p>.safetensors`` by each process), so a resumed run repeats the uninterrupted one.
 """
@@ -57,13 +57,8 @@ from torch import nn
 
 from fastpref.train.noise import NoisedPairs, derive_seed
 
-__all__ = ["DRO_DEFAULTS", "DRO_STREAM", "DROSampler", "Trajectories", "sample_trajectories", "trajectory_timesteps",
+__all__ = ["DRO_STREAM", "DROSampler", "Trajectories", "sample_trajectories", "trajectory_timesteps",
            "refuse_reference_mode", "register_dro_hooks"]
-
-#: Defaults from the authors' train.py: --margin 0.001, --buffer_size 4, --buffer_num_inference_steps 20;
-#: --buffer_update_steps 16 counts micro-batches and their --gradient_accumulation_steps is 16, so the
-#: lagged copy is refreshed after every optimizer step: --dro_refresh_steps 1.
-DRO_DEFAULTS = {"dro_margin": 0.001, "dro_buffer_size": 4, "dro_num_inference_steps": 20, "dro_refresh_steps": 1}
 
 DRO_STREAM = 0x44524F  # "DRO": keeps these draws apart from the (seed, pair, epoch) noise of the other losses
 _DRAW_STREAM = DRO_STREAM + 1
@@ -83,7 +78,8 @@ def _is_flow(model) -> bool:
     return model.family != "unet"
 
 
-def trajectory_timesteps(num_train_timesteps: int, num_inference_steps: int, generator: torch.Generator) -> torch.Tensor:
+def trajectory_timesteps(num_train_timesteps: int, num_inference_steps: int,
+                         generator: torch.Generator) -> torch.Tensor:
     """The authors' perturbed grid ``(T,)``, descending: ``(T − 1 − k)·⌊N/T⌋ + r``, r ∈ [0, ⌊N/T⌋)."""
     ratio = num_train_timesteps // num_inference_steps
     r = torch.randint(0, ratio, (1,), generator=generator)
@@ -260,7 +256,8 @@ class DROSampler:
             save_file({n: lagged[n].detach().contiguous() for n in self._trained},
                       os.path.join(folder, "dro_lagged.safetensors"), metadata={"refreshed_at": str(self.refreshed_at)})
         save_file({k: v.contiguous() for k, v in self.buffer.items()},
-                  os.path.join(folder, f"dro_buffer_{self.process_index}.safetensors"), metadata={"draws": str(self.draws)})
+                  os.path.join(folder, f"dro_buffer_{self.process_index}.safetensors"),
+                  metadata={"draws": str(self.draws)})
 
     @torch.no_grad()
     def load(self, folder: str) -> None:

@@ -31,8 +31,9 @@ from fastpref.train.checkpoint import load_checkpoint, register_model_hooks, sav
 from fastpref.train.config import TrainConfig
 from fastpref.train.data import EpochSampler, build_dataset, collate_pairs
 from fastpref.train.launch import build_accelerator, start_line
+from fastpref.train.memory import adamw_class, apply_allow_tf32, build_optimizer, enable_gradient_checkpointing
 from fastpref.train.metrics import MetricsLogger, plot_curves
-from fastpref.train.models import DiffusionModel, load_model, save_model
+from fastpref.train.models import DiffusionModel, load_model, load_vae, save_model
 from fastpref.train.noise import noise_pairs
 from fastpref.train.pipelines import UNET_FAMILIES, save_lora_weights
 from fastpref.train.objectives import get_objective
@@ -147,7 +148,9 @@ def supervised_warmup(model: DiffusionModel, dataset, indices: list[int], cfg: T
         with open(marker_path) as fh:
             if json.load(fh) == marker:
                 accelerator.print(f"supervised warm-up: reusing {folder}")
-                return load_model(folder, **model.options())
+                reused = load_model(folder, **model.options())
+                reused.vae_encode_batch_size = model.vae_encode_batch_size
+                return reused
     accelerator.print(f"supervised warm-up: {cfg.sft_steps} steps of the plain diffusion loss on both images of "
                       f"each pair, saved to {folder} (a later run with the same settings reuses it)")
     device = accelerator.device
@@ -198,6 +201,8 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
     from tqdm.auto import tqdm
 
     cfg.validate()
+    adamw_class(cfg.use_8bit_adam)  # a missing bitsandbytes is refused now, before any model is loaded
+    apply_allow_tf32(cfg.allow_tf32)
     objective = get_objective(cfg.loss)
     mode_name = resolve_reference_mode(cfg, objective)
     accelerator = build_accelerator(  # every launched process in one job, or a ValueError saying how
@@ -231,7 +236,10 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
     # ---- model -----------------------------------------------------------------------------------
     if model is None:
         model = load_model(cfg.pretrained_model_name_or_path, revision=cfg.revision,
-                           **cfg.model_options())
+                           variant=cfg.variant, vae=cfg.pretrained_vae_model_name_or_path, **cfg.model_options())
+    elif cfg.pretrained_vae_model_name_or_path:  # a model given to train(): the flag's VAE replaces its own
+        model.vae = load_vae(cfg.pretrained_vae_model_name_or_path, model, variant=cfg.variant)
+    model.vae_encode_batch_size = cfg.vae_encode_batch_size
     resolution = cfg.resolution or model.resolution
     if resolution % model.vae_scale_factor:
         raise ValueError(f"--resolution {resolution} must be a multiple of the VAE's factor {model.vae_scale_factor}")
@@ -260,6 +268,8 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
     else:
         place(denoiser.requires_grad_(True), torch.float32)  # fp32 master weights
     denoiser.train()
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(denoiser)
     params = [p for p in denoiser.parameters() if p.requires_grad]
     rows = sorted(train_idx + eval_idx)  # what the caches hold
     ref_cache = ref_cache_for_run(cfg, model, dataset, rows) if mode_name == "cache" else None
@@ -288,8 +298,7 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
         else:
             clip = build_clip_embedder(cfg, device)
 
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    optimizer = build_optimizer(cfg, params)  # AdamW, or bitsandbytes' AdamW8bit with --use_8bit_adam
     from diffusers.optimization import get_scheduler
 
     # accelerate steps a prepared scheduler once per process per update: hence the × world (diffusers does the same)
@@ -378,7 +387,9 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
                 correct.append(-((mw - ml) - (rw - rl)))  # the sign of u (β > 0)
             with accelerator.autocast():
                 seeds = [cfg.validation_seed + k for k in range(EVAL_SEEDS) for _ in prompts]
-                images = model.sample(policy, prompts * EVAL_SEEDS, seeds, cfg.num_inference_steps, device)
+                # the family's diffusers pipeline reads the module's .config: the DDP wrapper has none
+                images = model.sample(accelerator.unwrap_model(policy), prompts * EVAL_SEEDS, seeds,
+                                      cfg.num_inference_steps, device)
         if not accelerator.is_main_process:
             return
         scored = torch.cat(correct) if correct else torch.empty(0)

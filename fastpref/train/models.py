@@ -35,10 +35,17 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["DiffusionModel", "load_model", "build_tiny_model", "save_model", "TINY_MODELS"]
+__all__ = ["DiffusionModel", "load_model", "load_vae", "build_tiny_model", "save_model", "TINY_MODELS", "FAMILIES"]
 
 TINY_MODELS = ("fastpref:tiny-unet", "fastpref:tiny-unet-v", "fastpref:tiny-sdxl", "fastpref:tiny-sd3",
                "fastpref:tiny-sd35", "fastpref:tiny-flux")
+#: DiffusionModel.family → what a pipeline of that family holds (``fastpref-train --help`` lists them)
+FAMILIES = {
+    "unet": "UNet2DConditionModel + CLIP text encoder, DDPM, ε- or v-prediction (SD1.5-style)",
+    "sdxl": "UNet2DConditionModel with text_time conditioning + two CLIP encoders, DDPM (StableDiffusionXLPipeline)",
+    "sd3": "SD3Transformer2DModel + CLIP (+ CLIP-2, + T5) encoders, flow matching (SD3, SD3.5)",
+    "flux": "FluxTransformer2DModel + CLIP + T5 encoders, packed latents, flow matching (FluxPipeline)",
+}
 SD3_T5_TOKENS = 256  # without a T5 encoder the SD3 pipeline feeds this many zero tokens; training matches it
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]  # the diffusers DPO script's choice (UNets)
 # train_dreambooth_lora_sd3.py's list without its "attn." prefix, so that SD3.5's second attention
@@ -63,6 +70,7 @@ class DiffusionModel:
     mode_scale: float = 1.29
     guidance_scale: float = 3.5  # Flux's distilled guidance embedding (train_dreambooth_lora_flux.py's default)
     sample_size: int | None = None  # latent size when the denoiser's config has none (Flux)
+    vae_encode_batch_size: int | None = None  # images per VAE encode call (None: all at once)
 
     def options(self) -> dict:
         """The :func:`load_model` keywords that reproduce this model's settings."""
@@ -148,12 +156,17 @@ class DiffusionModel:
     def encode_images(self, pixels: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
         """Pixels (N, C, H, W) in [−1, 1] → scaled latents: ``(mean + std·z − shift)·scale`` with ``z`` of
         image k drawn from the CPU generator ``generators[k]`` (so the sample does not depend on the
-        device or on which other images are encoded with it). No VAE: the pixels themselves."""
+        device or on which other images are encoded with it). The VAE sees ``vae_encode_batch_size``
+        images per call (diffusers' ``--vae_encode_batch_size``: bounds its activation memory). No VAE: the
+        pixels themselves."""
         if self.vae is None:
             return pixels
-        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-        z = torch.stack([torch.randn(dist.mean.shape[1:], generator=g) for g in generators])
-        latents = dist.mean + dist.std * z.to(dist.mean.device, dist.mean.dtype)
+        chunk = self.vae_encode_batch_size or pixels.shape[0]
+        dists = [self.vae.encode(pixels[i: i + chunk].to(self.vae.dtype)).latent_dist
+                 for i in range(0, pixels.shape[0], chunk)]
+        mean, std = torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists])
+        z = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in generators])
+        latents = mean + std * z.to(mean.device, mean.dtype)
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * self.vae.config.scaling_factor
 
@@ -197,21 +210,43 @@ class DiffusionModel:
 
 
 def load_model(name_or_path: str, *, revision: str | None = None, weighting_scheme: str | None = None,
-               **options) -> DiffusionModel:
+               variant: str | None = None, vae: str | None = None, **options) -> DiffusionModel:
     """A :class:`DiffusionModel` from a hub id, a local diffusers folder or an embedded tiny model.
     ``weighting_scheme`` None: the family's diffusers training script default (SD3 ``logit_normal``, Flux
-    ``none``); ``options``: ``logit_mean``, ``logit_std``, ``mode_scale``, ``guidance_scale``."""
-    model = _load_model(name_or_path, revision)
-    model.weighting_scheme = weighting_scheme or DEFAULT_WEIGHTING_SCHEME.get(model.family, "logit_normal")
+    ``none``); ``options``: ``logit_mean``, ``logit_std``, ``mode_scale``, ``guidance_scale``.
+    ``variant``: diffusers' weight variant (``fp16`` → ``*.fp16.safetensors``) of every component with
+    weights; ``vae``: a separate VAE folder or hub id (``--pretrained_vae_model_name_or_path``) instead of the
+    pipeline's own, loaded with ``variant`` and its own default revision."""
     unknown = set(options) - {"logit_mean", "logit_std", "mode_scale", "guidance_scale"}
     if unknown:
         raise TypeError(f"load_model: unknown options {sorted(unknown)}")
+    model = _load_pipeline(name_or_path, revision=revision, variant=variant, with_vae=vae is None)
+    model.weighting_scheme = weighting_scheme or DEFAULT_WEIGHTING_SCHEME.get(model.family, "logit_normal")
     for name, value in options.items():
         setattr(model, name, float(value))
+    if vae is not None:
+        model.vae = load_vae(vae, model, variant=variant)
     return model
 
 
-def _load_model(name_or_path: str, revision: str | None) -> DiffusionModel:
+def load_vae(name_or_path: str, model: DiffusionModel, *, variant: str | None = None) -> nn.Module:
+    """``--pretrained_vae_model_name_or_path``: an ``AutoencoderKL`` folder or hub id (diffusers' SDXL scripts:
+    e.g. madebyollin/sdxl-vae-fp16-fix, whose decoder does not overflow in fp16) for ``model``."""
+    from diffusers import AutoencoderKL
+
+    try:
+        vae = AutoencoderKL.from_pretrained(name_or_path, variant=variant)
+    except Exception as exc:  # noqa: BLE001 - hub/OS errors come in many types; one message for all
+        raise ValueError(f"--pretrained_vae_model_name_or_path {name_or_path!r}: no AutoencoderKL found there (a "
+                         f"folder with config.json and the weights{f' of variant {variant!r}' if variant else ''}, "
+                         f"or a hub id reachable with HF_HUB_OFFLINE unset): {exc}") from None
+    if vae.config.latent_channels != model.latent_channels:
+        raise ValueError(f"--pretrained_vae_model_name_or_path {name_or_path!r}: the VAE has "
+                         f"{vae.config.latent_channels} latent channels, the denoiser expects {model.latent_channels}")
+    return vae
+
+
+def _load_pipeline(name_or_path: str, *, revision: str | None, variant: str | None, with_vae: bool) -> DiffusionModel:
     if name_or_path in TINY_MODELS:
         return build_tiny_model(name_or_path)
     if name_or_path.startswith("fastpref:"):
@@ -231,16 +266,17 @@ def _load_model(name_or_path: str, revision: str | None) -> DiffusionModel:
         entry = index.get(name)
         return isinstance(entry, (list, tuple)) and entry[0] is not None
 
-    kw = {"revision": revision}
+    kw = {"revision": revision, "variant": variant}  # variant: diffusers reads it for weights (tokenizers: not passed)
     import transformers
     from diffusers import AutoencoderKL
 
     def component(name):
         lib, cls = index[name]
-        module = transformers if lib == "transformers" else __import__(lib, fromlist=[cls])
-        return getattr(module, cls).from_pretrained(name_or_path, subfolder=name, **kw)
+        cls = getattr(transformers if lib == "transformers" else __import__(lib, fromlist=[cls]), cls)
+        weights = isinstance(cls, type) and issubclass(cls, nn.Module)
+        return cls.from_pretrained(name_or_path, subfolder=name, **(kw if weights else {"revision": revision}))
 
-    vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", **kw) if has("vae") else None
+    vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", **kw) if has("vae") and with_vae else None
     if has("unet"):
         from diffusers import DDPMScheduler, UNet2DConditionModel
 

@@ -3,14 +3,14 @@
 A training step needs, per preference pair i, one VAE posterior sample per image and one noise tensor
 and one timestep shared by winner and loser. Each comes from its own CPU generator:
 
-=========================  ============================  ===========================================
-draw                       generator seeded by           so that
-=========================  ============================  ===========================================
-VAE sample of image j      ``(seed, i, j)``, j = 0 / 1   a cached latent equals the one the step
-                                                         would encode (it does not change per epoch)
-noise ε and timestep t     ``(seed, i, epoch)``          the reference error of pair i at an epoch can
-                                                         be computed before training (``cache`` mode)
-=========================  ============================  ===========================================
+=========================  ================================  ===========================================
+draw                       generator seeded by               so that
+=========================  ================================  ===========================================
+VAE sample of image j      ``(seed, i, j, −2)``, j = 0 / 1   a cached latent equals the one the step
+                                                             would encode (it does not change per epoch)
+noise ε and timestep t     ``(seed, i, epoch)``              the reference error of pair i at an epoch can
+                                                             be computed before training (``cache`` mode)
+=========================  ================================  ===========================================
 
 A pair therefore gets the same draws whatever batch it lands in, the batch size, the number of
 processes or the device; a resumed run repeats an uninterrupted one. :func:`derive_seed` hashes the
@@ -58,6 +58,9 @@ class NoisedPairs:
     target: torch.Tensor
 
 
+_VAE_STREAM = -2  # the VAE posterior draws (the pair transform's stream is −1)
+
+
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed from integers (seed, pair, …), through sha256."""
     digest = hashlib.sha256(":".join(str(int(p)) for p in parts).encode()).digest()
@@ -70,7 +73,8 @@ def _pairs(pair_indices) -> list[int]:
 
 def vae_generators(seed: int, pair_indices, images: int = 2) -> list[torch.Generator]:
     """One CPU generator per image of the stacked batch (winners, then losers; ``images=1``: the rows of
-    an unpaired batch): ``(seed, pair, j)``."""
+    an unpaired batch): ``(seed, pair, j, −2)`` — a stream of its own: ``(seed, pair, epoch)`` seeds the
+    training noise, and at epoch j the two would otherwise be one generator."""
     pairs = _pairs(pair_indices)
     return [torch.Generator().manual_seed(derive_seed(seed, i, j)) for j in range(images) for i in pairs]
 

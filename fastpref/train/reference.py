@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 __all__ = ["REFERENCE_MODES", "make_reference", "resolve_reference_mode", "reference_prediction",
-           "adapters_disabled", "batched_policy_and_reference", "tuner_layers"]
+           "adapters_disabled", "batched_policy_and_reference", "mixed_adapter_batch", "active_mixed_batch",
+           "tuner_layers"]
 
 REFERENCE_MODES = ("copy", "adapter_off", "batched", "cache", "none")
 
@@ -94,31 +95,54 @@ def batched_policy_and_reference(model, policy: nn.Module, noised, cond: dict) -
     What it saves: one model launch sequence (kernel launches, weight reads) per step; at small batch
     a GPU runs 2n rows nearly as fast as n. What it does not: the base layers' backward still runs over
     all 2n rows and their activations are kept for it, so at large batch (and on a CPU) it can be slower
-    and use more memory than ``adapter_off``. Gradient checkpointing is refused: the recompute in
-    backward would run without the mask.
+    and use more memory than ``adapter_off``. With gradient checkpointing the mask is applied again
+    while a block is recomputed in backward (:func:`fastpref.train.memory.checkpoint`).
     """
-    if getattr(policy, "is_gradient_checkpointing", False):
-        raise ValueError("the 'batched' reference mode cannot be used with gradient checkpointing (the recomputed "
-                         "forward would not see the per-sample adapter mask); use reference mode 'adapter_off'")
+    from fastpref.train.memory import checkpoint
+
+    if any(getattr(m, "gradient_checkpointing", False) and getattr(m, "_gradient_checkpointing_func", None)
+           is not checkpoint for m in policy.modules()):
+        raise ValueError("the 'batched' reference mode needs gradient checkpointing enabled through "
+                         "fastpref.train.memory.enable_gradient_checkpointing (--gradient_checkpointing), whose "
+                         "recompute re-applies the per-sample adapter mask; another checkpoint function would not")
     layers = tuner_layers(policy)
     active = {name for layer in layers for name in layer.active_adapters}
     if len(active) != 1:
         raise ValueError(f"the 'batched' reference mode needs exactly one active adapter, found {sorted(active)}")
     n = noised.noisy.shape[0]
     adapter_names = [active.pop()] * n + ["__base__"] * n
+    with mixed_adapter_batch(layers, adapter_names):
+        out = model.predict(policy, _repeat_rows(noised.noisy, n), _repeat_rows(noised.timesteps, n),
+                            _repeat_rows(cond, n))
+    return out[:n], out[n:].detach()
+
+
+_MIXED_BATCHES: list[tuple[list, list]] = []  # the mixed adapter batches being run, innermost last
+
+
+@contextlib.contextmanager
+def mixed_adapter_batch(layers: list[nn.Module], adapter_names: list[str]) -> Iterator[None]:
+    """Every call of the tuner ``layers`` inside gets ``adapter_names`` (one per row) — peft's mixed batch,
+    through a forward pre-hook on each layer."""
 
     def set_adapter_names(module, args, kwargs):
         kwargs["adapter_names"] = adapter_names
         return args, kwargs
 
     handles = [layer.register_forward_pre_hook(set_adapter_names, with_kwargs=True) for layer in layers]
+    _MIXED_BATCHES.append((layers, adapter_names))
     try:
-        out = model.predict(policy, _repeat_rows(noised.noisy, n), _repeat_rows(noised.timesteps, n),
-                            _repeat_rows(cond, n))
+        yield
     finally:
+        _MIXED_BATCHES.pop()
         for handle in handles:
             handle.remove()
-    return out[:n], out[n:].detach()
+
+
+def active_mixed_batch() -> tuple[list, list] | None:
+    """``(layers, adapter_names)`` of the innermost :func:`mixed_adapter_batch` running now, or None (what a
+    gradient-checkpointed block must re-apply when it is recomputed)."""
+    return _MIXED_BATCHES[-1] if _MIXED_BATCHES else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,6 +202,8 @@ class CopyReference(_Mode):
         frozen = copy.deepcopy(model.denoiser).requires_grad_(False).eval()
         for layer in tuner_layers(frozen):
             layer.enable_adapters(False)
+        if getattr(frozen, "is_gradient_checkpointing", False):  # it runs under no_grad: nothing to recompute
+            frozen.disable_gradient_checkpointing()
         if dtype is not None and dtype != next(frozen.parameters()).dtype:
             frozen.to(dtype)
         self.frozen = frozen

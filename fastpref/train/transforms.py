@@ -50,7 +50,8 @@ def check_transform_flags(resolution, center_crop, random_crop, random_flip) -> 
 
 @dataclass(frozen=True)
 class PairTransform:
-    """``transform(pair, index) → (pair', original_size, crop_top_left)`` for ``pair`` ``(2, C, H, W)``."""
+    """``transform(pair, index) → (pair', original_size, crop_top_left)`` for ``pair`` ``(2, C, H, W)``, or
+    ``(1, C, H, W)`` (an unpaired image, transformed the same way)."""
 
     resolution: int
     random_crop: bool = False
@@ -62,8 +63,8 @@ class PairTransform:
         from torchvision.transforms import functional as F
 
         r = self.resolution
-        if pair.dim() != 4 or pair.shape[0] != 2:
-            raise ValueError(f"pair must be (2, C, H, W), got {tuple(pair.shape)}")
+        if pair.dim() != 4 or pair.shape[0] not in (1, 2):  # a pair, or one unpaired labelled image
+            raise ValueError(f"pair must be (2, C, H, W) (or (1, C, H, W): one image), got {tuple(pair.shape)}")
         original = (int(pair.shape[-2]), int(pair.shape[-1]))
         stacked = pair.flatten(0, 1)  # (2C, H, W): one resize, flip and crop for both images
         if min(original) != r:
@@ -78,4 +79,4 @@ class PairTransform:
         else:
             y, x = max(0, int(round((h - r) / 2.0))), max(0, int(round((w - r) / 2.0)))
         stacked = stacked[..., y: y + r, x: x + r]
-        return stacked.reshape(2, -1, r, r), original, (y, x)
+        return stacked.reshape(pair.shape[0], -1, r, r), original, (y, x)

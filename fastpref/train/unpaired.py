@@ -154,11 +154,15 @@ class _SampleIndex(_PairIndex):
         return torch.tensor([r[1] for r in self.rows], dtype=torch.long)
 
     def _sample(self, i: int, raw: bytes):
+        from torchvision.transforms.functional import to_tensor
+
         _, label, caption, where = self.rows[i]
-        image = _decode(raw, self.transform)
+        image = _decode(raw)
         if image is None:
             return CorruptPair(int(i), f"{where}: image cannot be decoded")
-        return {"pixel_values": image[None], "caption": caption, "index": int(i), "label": label}
+        pixels, original, crop = self.transform(to_tensor(image)[None], int(i))  # the pairs' resize, flip, crop
+        return {"pixel_values": pixels * 2 - 1, "caption": caption, "index": int(i), "label": label,
+                "original_size": original, "crop_top_left": crop}
 
 
 class UnpairedFolder(_SampleIndex):

@@ -93,7 +93,8 @@ def test_online_half_is_the_lagged_trajectory_and_the_expert_gets_fresh_noise(na
     assert torch.equal(expert_t, online_t)  # only t is shared
     for j in range(b):
         # online row j: a stored state, its lagged prediction as the target, its t
-        hits = [(e, k) for e in range(b) for k in range(STEPS) if torch.equal(noised.noisy[b + j], sampler.buffer["states"][e, k])]
+        stored = sampler.buffer["states"]
+        hits = [(e, k) for e in range(b) for k in range(STEPS) if torch.equal(noised.noisy[b + j], stored[e, k])]
         assert len(hits) == 1, "the online half must be states of the lagged trajectories"
         e, k = hits[0]
         x_T, states, preds, t_used, sigmas = direct[e]
@@ -147,7 +148,8 @@ def test_the_lagged_copy_refreshes_exactly_every_n_steps():
 def test_the_loop_refreshes_after_every_nth_optimizer_step(tmp_path, monkeypatch):
     seen = []
     original = DROSampler.refresh
-    monkeypatch.setattr(DROSampler, "refresh", lambda self, policy, step: (seen.append(step), original(self, policy, step)))
+    monkeypatch.setattr(DROSampler, "refresh",
+                        lambda self, policy, step: (seen.append(step), original(self, policy, step)))
     cfg = run_config(tmp_path, loss="dro", lora_rank=0, max_train_steps=4, gradient_accumulation_steps=2,
                      dro_refresh_steps=2, dro_num_inference_steps=STEPS, synthetic_size=12)
     train(cfg, model=tiny_model())
@@ -204,7 +206,8 @@ def test_bad_dro_flags_are_refused(argv, match):
 
 def test_dro_flags_from_toml_and_their_defaults(tmp_path):
     cfg = parse_args(["--loss", "dro", "--output_dir", "unused"])
-    assert (cfg.dro_margin, cfg.dro_refresh_steps, cfg.dro_buffer_size, cfg.dro_num_inference_steps) == (0.001, 1, 4, 20)
+    flags = (cfg.dro_margin, cfg.dro_refresh_steps, cfg.dro_buffer_size, cfg.dro_num_inference_steps)
+    assert flags == (0.001, 1, 4, 20)
     toml = tmp_path / "run.toml"
     toml.write_text('loss = "dro"\ndro_refresh_steps = 5\ndro_buffer_size = 8\ndro_margin = 0\n')
     cfg = parse_args(["--config", str(toml), "--dro_num_inference_steps", "10", "--output_dir", "unused"])
@@ -216,3 +219,33 @@ def test_more_sampling_steps_than_training_timesteps_are_refused():
     model = tiny_model()
     with pytest.raises(ValueError, match="--dro_num_inference_steps must be at most the scheduler's 1000"):
         DROSampler(model, model.denoiser, seed=0, buffer_size=2, num_inference_steps=1001, refresh_steps=1)
+
+
+def test_the_reference_modes_agree_on_both_halves(cpu_accelerator):
+    """copy, adapter_off and batched give the same DRO loss and errors on the same draws (the reference
+    runs on the online half too); the online reference error is the base model's, not zero."""
+    from fastpref.train.data import build_dataset, collate_pairs
+    from fastpref.train.loop import compute_loss
+    from fastpref.train.objectives import get_objective
+    from fastpref.train.reference import make_reference
+
+    data = build_dataset("synthetic", resolution=8, synthetic_size=6, seed=0)
+    batch = collate_pairs([data[i] for i in (1, 4)])
+    cfg = TrainConfig(loss="dro", seed=2)
+    out = {}
+    for mode in ("copy", "adapter_off", "batched"):
+        model = tiny_model(lora=2, lora_b=0.2)
+        sampler = DROSampler(model, model.denoiser, seed=2, buffer_size=4, num_inference_steps=STEPS, refresh_steps=1)
+        with torch.no_grad():  # the policy one update ahead of its lagged copy
+            for n, p in model.denoiser.named_parameters():
+                if "lora_B" in n:
+                    p.add_(0.05)
+        step = compute_loss(model, model.denoiser, make_reference(mode, model), get_objective("dro"), batch, cfg,
+                            cpu_accelerator, dro=sampler)
+        st = step.stats
+        out[mode] = (step.loss.detach(), st.model_err_win, st.model_err_lose, st.ref_err_win, st.ref_err_lose)
+    for mode in ("adapter_off", "batched"):
+        for got, want in zip(out[mode], out["copy"]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    _, _, model_online, _, ref_online = out["copy"]
+    assert (ref_online > 0).all() and not torch.allclose(ref_online, model_online)

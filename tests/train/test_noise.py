@@ -45,6 +45,21 @@ def test_vae_generators_are_per_pair_and_image():
     assert not torch.equal(a[1], a[3])  # winner and loser of a pair: different samples
 
 
+@pytest.mark.parametrize("scheduler", ["ddpm", "flow"])
+def test_the_vae_draws_are_not_the_noise_draws(scheduler):
+    # image j's posterior sample and the pair's noise at epoch j once came from one generator: the noise of
+    # epoch 0 was the winner's latent sample shifted by one timestep draw (correlated, not independent)
+    sched = _flow() if scheduler == "flow" else _ddpm()
+    n = 4 * 8 * 8
+    for epoch in (0, 1):
+        noise, _ = draw_noise(sched, (4, 8, 8), [5], epoch, SEED)
+        z = torch.randn(n + 8, generator=vae_generators(SEED, [5])[epoch]).double()
+        flat = noise.reshape(-1).double()
+        for shift in range(8):  # the timestep draw consumes a few values of the stream before the noise
+            corr = torch.corrcoef(torch.stack([flat, z[shift: shift + n]]))[0, 1].abs().item()
+            assert corr < 0.2, (epoch, shift, corr)
+
+
 def test_flow_timestep_density_follows_the_weighting_scheme():
     s = _flow()
     _, t_logit = draw_noise(s, SHAPE, range(300), 0, SEED, "logit_normal")

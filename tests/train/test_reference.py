@@ -219,7 +219,7 @@ def test_bad_configurations_are_refused_with_a_clear_message(tiny, run_config):
     assert resolve_reference_mode(run_config(), objective) == "adapter_off"
     assert resolve_reference_mode(run_config(lora_rank=0), objective) == "copy"
     assert resolve_reference_mode(run_config(), get_objective("orpo")) == "none"
-    lora.denoiser.enable_gradient_checkpointing()
+    lora.denoiser.enable_gradient_checkpointing()  # diffusers' own checkpoint function: the recompute loses the mask
     noised = noise_pairs(lora, torch.zeros(2, 3, 8, 8), [0], 0, SEED)
-    with pytest.raises(ValueError, match="gradient checkpointing"):
+    with pytest.raises(ValueError, match="enable_gradient_checkpointing"):
         batched_policy_and_reference(lora, lora.denoiser, noised, lora.encode_prompts(["a", "a"], "cpu"))
