@@ -47,7 +47,7 @@ def _grads(model, mode, batch, cfg, accelerator, params):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["fastpref:tiny-unet", "fastpref:tiny-sd3"])
+@pytest.mark.parametrize("name", ["fastpref:tiny-unet", "fastpref:tiny-sd3", "fastpref:tiny-flux"])
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients_in_every_mode(tmp_path, tiny, run_config,
                                                                                  cpu_accelerator, name):
     """LoRA in every reference mode, and a full fine-tune with its frozen copy: the loss and gradients with
@@ -69,7 +69,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients_in_every_mode(
         modes = {n: make_reference(n, model, cache=cache) for n in names}
         calls = []
         hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in model.denoiser.modules()
-                 if type(m).__name__ == "Attention"]
+                 if type(m).__name__ in ("Attention", "FluxAttention")]
         for mode_name, mode in modes.items():
             model.denoiser.disable_gradient_checkpointing()
             calls.clear()
