@@ -75,7 +75,7 @@ def refuse_reference_mode(mode: str) -> None:
 
 
 def _is_flow(model) -> bool:
-    return model.family != "unet"
+    return model.prediction_type == "flow_matching"  # SD3, Flux (SDXL is DDPM like SD1.5)
 
 
 def trajectory_timesteps(num_train_timesteps: int, num_inference_steps: int,

@@ -76,7 +76,7 @@ def vae_generators(seed: int, pair_indices, images: int = 2) -> list[torch.Gener
     an unpaired batch): ``(seed, pair, j, −2)`` — a stream of its own: ``(seed, pair, epoch)`` seeds the
     training noise, and at epoch j the two would otherwise be one generator."""
     pairs = _pairs(pair_indices)
-    return [torch.Generator().manual_seed(derive_seed(seed, i, j)) for j in range(images) for i in pairs]
+    return [torch.Generator().manual_seed(derive_seed(seed, i, j, _VAE_STREAM)) for j in range(images) for i in pairs]
 
 
 def draw_noise(scheduler, latent_shape: Sequence[int], pair_indices, epoch: int, seed: int,
