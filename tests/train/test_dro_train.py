@@ -29,7 +29,7 @@ def _direct_trajectory(model, denoiser, cond, x_T, timesteps):
     DPM-Solver++ on the given timesteps for the DDPM family; Euler on σ = (t + 1)/N for flow."""
     from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
-    if model.family == "unet":
+    if model.prediction_type != "flow_matching":  # the DDPM families (SD1.5, SDXL)
         sched = DPMSolverMultistepScheduler.from_config(model.scheduler.config, algorithm_type="dpmsolver++")
         sched.set_timesteps(timesteps=timesteps.tolist())
     else:
@@ -50,7 +50,8 @@ def _corr(a, b):
     return torch.corrcoef(torch.stack([a, b]))[0, 1].item()
 
 
-@pytest.mark.parametrize("name", ["fastpref:tiny-unet", "fastpref:tiny-unet-v", "fastpref:tiny-sd3", "fastpref:tiny-flux"])
+@pytest.mark.parametrize("name", ["fastpref:tiny-unet", "fastpref:tiny-unet-v", "fastpref:tiny-sdxl", "fastpref:tiny-sd3",
+                                  "fastpref:tiny-flux"])
 def test_online_half_is_the_lagged_trajectory_and_the_expert_gets_fresh_noise(name):
     torch.manual_seed(11)
     model = tiny_model(name)
@@ -64,6 +65,10 @@ def test_online_half_is_the_lagged_trajectory_and_the_expert_gets_fresh_noise(na
     latents = torch.randn(2 * b, 3, 8, 8)  # [w; l]: the winners are the experts
     prompts = ["a red disc", "a blue square", "a green ring"]
     cond = {k: torch.cat([v, v]) for k, v in model.encode_prompts(prompts, "cpu").items()}
+    if model.family == "sdxl":  # the pairs' size and crop conditioning
+        from fastpref.train.sdxl import time_ids
+
+        cond["time_ids"] = time_ids([(8, 8)] * 2 * b, [(0, 0)] * 2 * b, (8, 8))
     noised, cond_out = sampler.batch(latents, cond, {"index": torch.tensor(pairs), "epoch": epoch})
 
     assert len(sampler.buffer) == b
@@ -80,7 +85,7 @@ def test_online_half_is_the_lagged_trajectory_and_the_expert_gets_fresh_noise(na
         torch.testing.assert_close(sampler.buffer["timesteps"][e].double(), t_used.double())
         assert torch.equal(sampler.buffer["states"][e, 0], x_T)  # state 0 is x_T: state k is prediction k's input
         assert torch.equal(sampler.buffer["expert"][e], latents[e])  # the preferred image, not the loser
-        if model.family == "unet":
+        if model.prediction_type != "flow_matching":  # the DDPM families (SD1.5, SDXL)
             assert torch.equal(t_used.long(), ts)  # the trajectory's t are training timesteps
         else:
             torch.testing.assert_close(sampler.buffer["sigmas"][e], sigmas.float())
@@ -104,11 +109,11 @@ def test_online_half_is_the_lagged_trajectory_and_the_expert_gets_fresh_noise(na
             assert torch.equal(v[j], cond[name_][e]) and torch.equal(v[b + j], cond[name_][e])
         # expert row j: the entry's preferred image noised at the same t with its own noise ε
         x0, noisy, target = latents[e], noised.noisy[j], noised.target[j]
-        if model.family == "unet":
+        if model.prediction_type != "flow_matching":  # the DDPM families (SD1.5, SDXL)
             t = expert_t[j: j + 1].long()
             a = model.scheduler.alphas_cumprod[t].float()
             eps = (noisy - a.sqrt() * x0) / (1 - a).sqrt()
-            expected = eps if name.endswith("unet") else model.scheduler.get_velocity(x0[None], eps[None], t)[0]
+            expected = eps if model.prediction_type == "epsilon" else model.scheduler.get_velocity(x0[None], eps[None], t)[0]
             torch.testing.assert_close(target, expected, rtol=1e-4, atol=1e-4)
         else:
             eps = target + x0  # target ε − x0
