@@ -166,7 +166,7 @@ def test_toml_config_and_flag_precedence(tmp_path):
 def test_the_example_config_is_valid():
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
     cfg = parse_args(["--config", os.path.join(root, "examples", "tiny.toml")])
-    assert (cfg.pretrained_model_name_or_path, cfg.dataset, cfg.loss) == ("fastpref:tiny-unet", "synthetic", "dmpo")
+    assert (cfg.pretrained_model_name_or_path, cfg.dataset, cfg.loss) == ("fastpref:tiny-unet-v", "synthetic", "mapo")
 
 
 def test_cli_reports_errors_without_traceback(capsys):
