@@ -115,22 +115,39 @@ class SyntheticPreferences(Dataset):
         """The prompts :meth:`reward` cannot score (checked before training, so none reaches it)."""
         return [p for p in prompts if cls.prompt_colour(p) is None]
 
+    # the smallest disc the set draws covers π·0.28² of the image: a sample needs at least that many
+    # palette-coloured pixels to score 1
+    DISC_AREA = math.pi * 0.28**2
+    NEAR = 0.6  # a pixel is "of" a palette colour within this RGB distance (palette colours are ≥ 1.7 apart)
+
     @classmethod
     def reward(cls, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        """Per image: the fraction of pixels within distance 0.6 of the prompt's colour, minus the
-        fraction near any other palette colour. In [−1, 1]; higher = more of the asked-for colour."""
+        """Per image, in [0, 1]: the share of its palette-coloured pixels that have the prompt's colour,
+        counting at least a smallest disc's worth of pixels — ``own / max(own + other, DISC_AREA·H·W)``
+        with ``own`` / ``other`` the pixels within :attr:`NEAR` of the prompt's / another palette colour.
+        1 = a disc (or more) all in the prompt's colour; 0 = a disc in other colours, or no disc at all —
+        a blank or faded sample is never scored above a wrong-coloured disc; a half-size disc of the
+        right colour scores about ½."""
         bad = cls.unscorable(prompts)
         if bad:
             raise ValueError(f"the synthetic reward cannot score {bad!r}: a prompt must name exactly one of the "
                              f"colours {', '.join(PALETTE)} as a word, e.g. 'a red disc'")
+        own, other = cls.colour_pixels(images, prompts)
+        floor = cls.DISC_AREA * images.shape[-1] * images.shape[-2]
+        return own / torch.clamp(own + other, min=floor)
+
+    @classmethod
+    def colour_pixels(cls, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per image (N, 3, H, W) in [−1, 1]: the number of pixels within :attr:`NEAR` of the prompt's
+        palette colour, and of any other palette colour."""
         images = images.float().clamp(-1, 1)
         pix = images.flatten(2).transpose(1, 2)  # (N, HW, 3)
         table = torch.tensor(list(PALETTE.values()))  # (K, 3)
-        near = (torch.cdist(pix, table.expand(pix.shape[0], -1, -1)) < 0.6).float().mean(1)  # (N, K)
+        near = (torch.cdist(pix, table.expand(pix.shape[0], -1, -1)) < cls.NEAR).float().sum(1)  # (N, K)
         names = list(PALETTE)
         idx = torch.tensor([names.index(cls.prompt_colour(p)) for p in prompts])
         own = near.gather(1, idx[:, None]).squeeze(1)
-        return own - (near.sum(1) - own)
+        return own, near.sum(1) - own
 
 
 # ----------------------------------------------------------------------------------------------

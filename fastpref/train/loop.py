@@ -127,6 +127,17 @@ def _default_prompts(dataset, indices: list[int], n: int = 4) -> list[str]:
     return out
 
 
+def _sft_marker(model: DiffusionModel, dataset, indices: list[int], cfg: TrainConfig) -> dict:
+    """What a saved warm-up must match to be reused: the settings that decide it and the architecture
+    (an embedded model whose definition changed must not reuse an old warm-up). diffusers' private
+    config keys are left out: ``_use_default_values`` is a set, listed in a per-process order."""
+    config = {k: v for k, v in dict(model.denoiser.config).items() if not k.startswith("_")}
+    return {"model": cfg.pretrained_model_name_or_path, "sft_steps": cfg.sft_steps, "seed": cfg.seed,
+            "dataset": cfg.dataset, "learning_rate": cfg.sft_learning_rate or cfg.learning_rate,
+            "train_batch_size": cfg.train_batch_size, "pairs": len(indices), "resolution": dataset.resolution,
+            "denoiser_config": json.loads(json.dumps(config, default=str))}
+
+
 def supervised_warmup(model: DiffusionModel, dataset, indices: list[int], cfg: TrainConfig, accelerator) -> DiffusionModel:
     """``cfg.sft_steps`` steps of the plain diffusion loss (MSE to the target) on both images of every
     pair — no preference — so that preference training starts from a model that can generate the
@@ -138,11 +149,7 @@ def supervised_warmup(model: DiffusionModel, dataset, indices: list[int], cfg: T
 
     folder = os.path.join(cfg.output_dir, "sft_model")
     lr = cfg.sft_learning_rate or cfg.learning_rate
-    marker = {"model": cfg.pretrained_model_name_or_path, "sft_steps": cfg.sft_steps, "seed": cfg.seed,
-              "dataset": cfg.dataset, "learning_rate": lr, "train_batch_size": cfg.train_batch_size,
-              "pairs": len(indices), "resolution": dataset.resolution,
-              # the architecture too: an embedded model whose definition changed must not reuse an old warm-up
-              "denoiser_config": json.loads(json.dumps(dict(model.denoiser.config), default=str))}
+    marker = _sft_marker(model, dataset, indices, cfg)
     marker_path = os.path.join(folder, "fastpref_sft.json")
     if os.path.isfile(marker_path):
         with open(marker_path) as fh:

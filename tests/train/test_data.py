@@ -166,3 +166,24 @@ def test_the_reward_never_raises_a_bare_stop_iteration():
     assert SyntheticPreferences.reward(images, ["a Red disc", "A BLUE disc"]).shape == (2,)  # case-insensitive
     with pytest.raises(ValueError, match="cannot score \\['a_red_disc'\\]"):
         SyntheticPreferences.reward(images, ["a red disc", "a_red_disc"])
+
+
+def test_the_synthetic_reward_scores_the_prompts_colour_share_of_a_disc_and_never_favours_a_blank():
+    ds = SyntheticPreferences(12, 16, seed=7)
+    pix = torch.stack([ds[i]["pixel_values"] for i in range(12)])
+    caps = [ds[i]["caption"] for i in range(12)]
+    win, lose = pix[:, 0], pix[:, 1]
+    torch.testing.assert_close(ds.reward(win, caps), torch.ones(12))
+    torch.testing.assert_close(ds.reward(lose, caps), torch.zeros(12))
+    blank = torch.zeros_like(win)  # a flat grey sample, and one whose disc faded towards the grey
+    torch.testing.assert_close(ds.reward(blank, caps), ds.reward(lose, caps))
+    torch.testing.assert_close(ds.reward(0.3 * win, caps), ds.reward(lose, caps))
+    mixed = torch.cat([win[..., :8], lose[..., 8:]], dim=-1)  # left half of the disc right, right half wrong
+    half = torch.cat([win[..., :8], blank[..., 8:]], dim=-1)  # the right half of the disc missing
+    for image in (mixed, half):
+        r = ds.reward(image, caps)
+        assert bool(((r > 0.2) & (r < 0.95)).all()), r  # between the wrong disc (0) and the full one (1)
+    own, other = ds.colour_pixels(mixed, caps)
+    full = own + other >= ds.DISC_AREA * 16 * 16  # at least a disc's worth of colour: no floor
+    assert bool(full.any())
+    torch.testing.assert_close(ds.reward(mixed, caps)[full], (own / (own + other))[full])

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fastpref.reference import pair_loss_ref
-from fastpref.train import parse_args, train
+from fastpref.train import TrainConfig, parse_args, train
 from fastpref.train.data import SyntheticPreferences
 from fastpref.train.models import TINY_MODELS, build_tiny_model, load_model, save_model
 from fastpref.train.objectives import OBJECTIVES
@@ -166,7 +166,7 @@ def test_toml_config_and_flag_precedence(tmp_path):
 def test_the_example_config_is_valid():
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
     cfg = parse_args(["--config", os.path.join(root, "examples", "tiny.toml")])
-    assert (cfg.pretrained_model_name_or_path, cfg.dataset, cfg.loss) == ("fastpref:tiny-unet", "synthetic", "dmpo")
+    assert (cfg.pretrained_model_name_or_path, cfg.dataset, cfg.loss) == ("fastpref:tiny-unet-v", "synthetic", "mapo")
 
 
 def test_cli_reports_errors_without_traceback(capsys):
@@ -328,6 +328,22 @@ def test_supervised_warmup_becomes_the_reference_and_is_reused(tmp_path):
     train(run_config(tmp_path, sft_steps=3, sft_learning_rate=1e-2, loss="dpo", lora_rank=0, max_train_steps=1,
                  resume_from_checkpoint="latest"), model=tiny())
     assert os.path.getmtime(os.path.join(folder, "model_index.json")) == mtime
+
+
+def test_a_saved_warmup_is_recognised_by_another_process():
+    """The marker a warm-up is saved with must not depend on the process: diffusers keeps a set in the
+    model config (``_use_default_values``), listed in an order that changes with PYTHONHASHSEED."""
+    from fastpref.train.loop import _sft_marker
+
+    model, data = tiny("fastpref:tiny-unet-v"), SyntheticPreferences(8, 16)
+    cfg = TrainConfig(output_dir="x", sft_steps=3)
+    first = _sft_marker(model, data, [0, 1], cfg)
+    listed = list(model.denoiser.config["_use_default_values"])
+    assert len(listed) > 1
+    model.denoiser.register_to_config(_use_default_values=listed[::-1])  # what another process may list
+    assert _sft_marker(model, data, [0, 1], cfg) == first
+    model.denoiser.register_to_config(norm_num_groups=8)  # a real change of the architecture is seen
+    assert _sft_marker(model, data, [0, 1], cfg) != first
 
 
 def test_bf16_mixed_precision_lora_step(tmp_path):
