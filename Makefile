@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.fastpref-installed
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test demo clean
+.PHONY: install test demo demo-toy2d demo-train clean
 
 $(STAMP): requirements.txt pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,10 +29,17 @@ test: $(STAMP)
 mutants: $(STAMP)
 	$(PY) tools/mutants.py $(MUTANTS_ARGS)
 
-# DMPO's 2-D study (Li et al., 2025, arXiv:2507.07510, §5.1) on the CPU: table, CSV and PNG;
-# the last line names the folder.
-demo: $(STAMP)
+# `make demo`: both embedded jobs on the CPU, nothing downloaded. `demo-toy2d`: DMPO's 2-D study (Li et
+# al., 2025, arXiv:2507.07510, §5.1): table, CSV and PNG. `demo-train`: the trainer on its embedded tiny
+# text-to-image run (examples/tiny.toml, docs/embedded-run.md): a warm-up, then preference steps whose
+# samples learn to follow their prompts; eval lines, a summary, sample grids and curves. Each names its folder.
+demo: demo-toy2d demo-train
+
+demo-toy2d: $(STAMP)
 	$(PY) -m fastpref.demos.toy2d
+
+demo-train: $(STAMP)
+	$(PY) -m fastpref.train --config examples/tiny.toml
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
