@@ -189,6 +189,13 @@ def _label(value) -> float | None:
     return value if 0.0 <= value <= 1.0 else None
 
 
+def parquet_files(spec: str) -> list[str]:
+    """The ``.parquet`` files of ``spec``: the file itself, or every one below a folder (sorted)."""
+    if os.path.isdir(spec):
+        return sorted(glob.glob(os.path.join(spec, "**", "*.parquet"), recursive=True))
+    return [spec] if os.path.isfile(spec) and spec.endswith(".parquet") else []
+
+
 class _PairIndex(Dataset):
     """Shared bookkeeping: rows ``(source, winner_is_0, caption, where)``, skip counts and locations."""
 
@@ -212,6 +219,43 @@ class _PairIndex(Dataset):
         kept = self.problems.setdefault(reason, [])
         if len(kept) < MAX_PROBLEMS:
             kept.append(where)
+
+    def _index_parquet(self, path: str, kind: str, label_column: str, add) -> None:
+        """Index parquet shards (``path``: a file, or a folder searched recursively) by their label and
+        caption columns only: ``add((file, row group, k), label, caption, "FILE row N")`` per row; image
+        bytes are read per row group when an item is asked for (:meth:`_row_group`)."""
+        import pyarrow.parquet as pq
+
+        self.files = parquet_files(path)
+        if not self.files:
+            raise ValueError(f"--dataset {path!r}: no .parquet files found there")
+        for fi, f in enumerate(self.files):
+            try:
+                pf = pq.ParquetFile(f)
+            except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+                raise ValueError(f"--dataset: {f} is not a readable parquet file: {exc}") from None
+            missing = [c for c in self.COLUMNS if c not in pf.schema_arrow.names]
+            if missing:
+                raise ValueError(f"--dataset {f!r} lacks the {kind} columns {missing} "
+                                 f"(has {pf.schema_arrow.names}); expected {list(self.COLUMNS)}")
+            row = 0
+            for rg in range(pf.num_row_groups):
+                t = pf.read_row_group(rg, columns=[label_column, "caption"]).to_pydict()
+                for k, (label, caption) in enumerate(zip(t[label_column], t["caption"])):
+                    add((fi, rg, k), label, caption, f"{f} row {row}")
+                    row += 1
+        self._cache_key, self._cache = None, None
+
+    def _row_group(self, i: int, columns: list[str]) -> tuple[dict, int]:
+        """``(columns of row i's row group, i's position in it)``: one row group in memory at a time (per
+        DataLoader worker)."""
+        import pyarrow.parquet as pq
+
+        (fi, rg, k), _, _, _ = self.rows[i]
+        if self._cache_key != (fi, rg, tuple(columns)):
+            self._cache = pq.ParquetFile(self.files[fi]).read_row_group(rg, columns=columns).to_pydict()
+            self._cache_key = (fi, rg, tuple(columns))
+        return self._cache, k
 
     def _add(self, ref, label_0, caption, where: str) -> None:
         """Index one row; ``where`` names it for messages ("metadata.jsonl line 7", "x.parquet row 12")."""
@@ -256,38 +300,12 @@ class PickAPicParquet(_PairIndex):
     COLUMNS = ("jpg_0", "jpg_1", "label_0", "caption")
 
     def __init__(self, path: str, resolution: int):
-        import pyarrow.parquet as pq
-
         super().__init__(resolution)
-        files = sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True)) if os.path.isdir(path) else [path]
-        if not files:
-            raise ValueError(f"--dataset {path!r}: no .parquet files found there")
-        self.files = files
-        for fi, f in enumerate(files):
-            try:
-                pf = pq.ParquetFile(f)
-            except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a damaged file
-                raise ValueError(f"--dataset: {f} is not a readable parquet file: {exc}") from None
-            missing = [c for c in self.COLUMNS if c not in pf.schema_arrow.names]
-            if missing:
-                raise ValueError(f"--dataset {f!r} lacks the Pick-a-Pic columns {missing} "
-                                 f"(has {pf.schema_arrow.names}); expected {list(self.COLUMNS)}")
-            row = 0
-            for rg in range(pf.num_row_groups):
-                t = pf.read_row_group(rg, columns=["label_0", "caption"]).to_pydict()
-                for k, (label, caption) in enumerate(zip(t["label_0"], t["caption"])):
-                    self._add((fi, rg, k), label, caption, f"{f} row {row}")
-                    row += 1
-        self._cache_key, self._cache = None, None
+        self._index_parquet(path, "Pick-a-Pic", "label_0", self._add)
 
     def __getitem__(self, i: int):
-        import pyarrow.parquet as pq
-
-        (fi, rg, k), _, _, _ = self.rows[i]
-        if self._cache_key != (fi, rg):  # one row group in memory at a time (per worker)
-            self._cache = pq.ParquetFile(self.files[fi]).read_row_group(rg, columns=["jpg_0", "jpg_1"]).to_pydict()
-            self._cache_key = (fi, rg)
-        return self._item(i, self._cache["jpg_0"][k], self._cache["jpg_1"][k])
+        group, k = self._row_group(i, ["jpg_0", "jpg_1"])
+        return self._item(i, group["jpg_0"][k], group["jpg_1"][k])
 
 
 class FolderPairs(_PairIndex):

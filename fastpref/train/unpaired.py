@@ -36,7 +36,7 @@ import os
 
 import torch
 
-from fastpref.train.data import CorruptPair, _decode, _PairIndex, _usable_caption
+from fastpref.train.data import CorruptPair, _decode, _PairIndex, _usable_caption, parquet_files
 
 __all__ = ["LABEL_WORDS", "parse_label", "UnpairedFolder", "UnpairedParquet", "SplitPairs", "is_unpaired_folder",
            "is_unpaired_parquet"]
@@ -115,7 +115,7 @@ def is_unpaired_parquet(spec: str) -> bool:
     """A parquet file (or the first of a folder's) with ``image`` and ``label`` columns."""
     import pyarrow.parquet as pq
 
-    files = _parquet_files(spec)
+    files = parquet_files(spec)
     if not files:
         return False
     try:
@@ -123,12 +123,6 @@ def is_unpaired_parquet(spec: str) -> bool:
     except Exception:  # noqa: BLE001 - not parquet: the pair reader says so
         return False
     return "image" in names and "label" in names and "jpg_0" not in names
-
-
-def _parquet_files(spec: str) -> list[str]:
-    if os.path.isdir(spec):
-        return sorted(glob.glob(os.path.join(spec, "**", "*.parquet"), recursive=True))
-    return [spec] if os.path.isfile(spec) and spec.endswith(".parquet") else []
 
 
 class _SampleIndex(_PairIndex):
@@ -210,37 +204,12 @@ class UnpairedParquet(_SampleIndex):
     COLUMNS = ("image", "caption", "label")
 
     def __init__(self, path: str, resolution: int):
-        import pyarrow.parquet as pq
-
         super().__init__(resolution)
-        self.files = _parquet_files(path)
-        if not self.files:
-            raise ValueError(f"--dataset {path!r}: no .parquet files found there")
-        for fi, f in enumerate(self.files):
-            try:
-                pf = pq.ParquetFile(f)
-            except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a damaged file
-                raise ValueError(f"--dataset: {f} is not a readable parquet file: {exc}") from None
-            missing = [c for c in self.COLUMNS if c not in pf.schema_arrow.names]
-            if missing:
-                raise ValueError(f"--dataset {f!r} lacks the unpaired columns {missing} (has "
-                                 f"{pf.schema_arrow.names}); expected {list(self.COLUMNS)}")
-            row = 0
-            for rg in range(pf.num_row_groups):
-                t = pf.read_row_group(rg, columns=["label", "caption"]).to_pydict()
-                for k, (label, caption) in enumerate(zip(t["label"], t["caption"])):
-                    self._add_sample((fi, rg, k), label, caption, f"{f} row {row}")
-                    row += 1
-        self._cache_key, self._cache = None, None
+        self._index_parquet(path, "unpaired", "label", self._add_sample)
 
     def __getitem__(self, i: int):
-        import pyarrow.parquet as pq
-
-        (fi, rg, k), _, _, _ = self.rows[i]
-        if self._cache_key != (fi, rg):  # one row group in memory at a time (per worker)
-            self._cache = pq.ParquetFile(self.files[fi]).read_row_group(rg, columns=["image"]).to_pydict()["image"]
-            self._cache_key = (fi, rg)
-        raw = self._cache[k]
+        group, k = self._row_group(i, ["image"])
+        raw = group["image"][k]
         if isinstance(raw, dict):  # 🤗 datasets' Image feature: {"bytes": …, "path": …}
             raw = raw.get("bytes")
         return self._sample(i, raw if isinstance(raw, (bytes, bytearray)) else b"")
