@@ -432,7 +432,8 @@ def epochs_needed(cfg, num_train_pairs: int, world: int = 1) -> int:
     return math.ceil(cfg.max_train_steps / math.ceil(batches / cfg.gradient_accumulation_steps))
 
 
-def _weight_dtype(mixed_precision: str) -> torch.dtype:
+def weight_dtype(mixed_precision: str) -> torch.dtype:
+    """The dtype of the frozen parts under ``--mixed_precision`` (fp32 for ``no``)."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
@@ -455,7 +456,7 @@ def latent_cache_for_run(cfg, model, dataset, rows, device, *, build: bool = Tru
 def ref_cache_for_run(cfg, model, dataset, rows) -> RefErrorCache:
     """``--reference_mode cache``: ``--ref_cache``, checked against this run's fingerprint."""
     fingerprint = reference_fingerprint(model, latents_fingerprint(model, dataset, rows, cfg.seed), cfg.seed,
-                                        _weight_dtype(cfg.mixed_precision))
+                                        weight_dtype(cfg.mixed_precision))
     return RefErrorCache.load(cfg.ref_cache, fingerprint)
 
 
@@ -503,7 +504,7 @@ def _precompute_for_run(args) -> None:
     dataset.resolution = cfg.resolution or model.resolution
     train_idx, eval_idx = cfg.split_rows(len(dataset))
     rows = sorted(train_idx + eval_idx)
-    dtype = _weight_dtype(cfg.mixed_precision)
+    dtype = weight_dtype(cfg.mixed_precision)
     for m in [*model.frozen_modules(), model.denoiser]:  # as the run places them (its reference: in the run's dtype)
         m.requires_grad_(False).eval().to(args.device)
         if dtype != torch.float32:

@@ -27,6 +27,7 @@ import torch
 from fastpref.reference import pair_errors
 from fastpref.stats import implicit_accuracy
 from fastpref.train.cache import collate_cached, encode, latent_cache_for_run, ref_cache_for_run
+from fastpref.train.cache import weight_dtype as frozen_dtype
 from fastpref.train.checkpoint import load_checkpoint, register_model_hooks, save_checkpoint
 from fastpref.train.config import TrainConfig
 from fastpref.train.data import EpochSampler, build_dataset, collate_pairs
@@ -253,7 +254,7 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
     dataset.resolution = resolution
     if cfg.sft_steps:
         model = supervised_warmup(model, dataset, train_idx, cfg, accelerator)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = frozen_dtype(accelerator.mixed_precision)
     def place(module, dtype):  # .to(dtype) only when it changes something (diffusers warns otherwise)
         module.to(device)
         return module.to(dtype) if dtype != torch.float32 else module
@@ -437,7 +438,7 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
         batches = loader
         if epoch == first_epoch and resume_batches:
             batches = accelerator.skip_first_batches(loader, resume_batches)
-        for batch_idx, batch in enumerate(batches, start=resume_batches if epoch == first_epoch else 0):
+        for batch in batches:
             note_corrupt(batch["corrupt"])
             batch["epoch"] = epoch  # the reference-error cache is per (pair, epoch)
             with accelerator.accumulate(denoiser):
