@@ -1,4 +1,9 @@
-"""The short trainer run the trainer tests start from (any key overrides it)."""
+"""The short trainer run the trainer tests start from (any key overrides it), and what the multi-process
+tests share: a free port for the launcher, the rows of a run's train log."""
+
+import csv
+import os
+import socket
 
 from fastpref.train import TrainConfig
 
@@ -9,3 +14,16 @@ def run_config(tmp_path, **kw) -> TrainConfig:
                 validation_prompts=["a red disc"])
     base.update(kw)
     return TrainConfig(**base)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the rendezvous of a torchrun launch)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_rows(run_dir) -> list[dict]:
+    """The rows of ``run_dir/logs/train.csv``."""
+    with open(os.path.join(run_dir, "logs", "train.csv"), newline="") as fh:
+        return list(csv.DictReader(fh))

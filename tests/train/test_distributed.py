@@ -8,17 +8,17 @@ per batch. Which process writes what is tested in test_launch.py and test_distri
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import json
 import os
 import subprocess
 import sys
 
-import socket
 
 import pytest
 import torch
+
+from _runs import free_port, train_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -30,17 +30,6 @@ worker = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(worker)
 
 EPS32 = torch.finfo(torch.float32).eps
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rows(run_dir):
-    with open(os.path.join(run_dir, "logs", "train.csv"), newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU-less launch path: gloo processes on the CPU")
@@ -68,7 +57,7 @@ def test_two_processes_train_what_one_process_trains_on_the_global_batch(tmp_pat
 
     for loss in worker.RUNS:  # a run's name (its loss, or kto_unpaired)
         cfg = worker.config(loss, "", 1)
-        rows2, rows1 = _rows(two / loss), _rows(one / loss)
+        rows2, rows1 = train_rows(two / loss), train_rows(one / loss)
         assert [int(r["step"]) for r in rows2] == [int(r["step"]) for r in rows1] == list(range(1, worker.STEPS + 1))
         e_max = max(float(r[k]) for r in rows1 for k in r if "err" in k)
         du = 4 * 5000.0 * EPS32 * e_max  # β = 5000, the largest of the three losses' defaults

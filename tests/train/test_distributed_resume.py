@@ -10,17 +10,17 @@ a process that resumed out of step with the other would hang or change the numbe
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+
+from _runs import free_port, train_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKER = os.path.join(ROOT, "tests", "train", "_distributed_resume_worker.py")
@@ -30,17 +30,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 _spec = importlib.util.spec_from_file_location("_distributed_resume_worker", WORKER)
 worker = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(worker)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rows(run_dir):
-    with open(os.path.join(run_dir, "logs", "train.csv"), newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU-less launch path: gloo processes on the CPU")
@@ -56,7 +45,7 @@ def test_two_process_resume_repeats_the_uninterrupted_run_and_only_process_0_wri
     steps, stop = worker.STEPS, worker.STOP
 
     # the log: the stopped run's rows, then the resumed run's, are the uninterrupted run's, number for number
-    straight, resumed = _rows(tmp_path / "straight"), _rows(tmp_path / "resumed")
+    straight, resumed = train_rows(tmp_path / "straight"), train_rows(tmp_path / "resumed")
     assert [int(r["step"]) for r in straight] == [int(r["step"]) for r in resumed] == list(range(1, steps + 1))
     numbers = [k for k in straight[0] if k not in ("step", "pairs_per_s", "peak_mem_mb", "time")]
     assert {"loss", "grad_norm", "reference_point", "model_err", "ref_err"} <= set(numbers)
