@@ -234,10 +234,7 @@ def result_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     """The dtype of every loss and statistic fastpref returns, on every backend: float64 when any
     input tensor is float64, else float32 (fp16/bf16 inputs give an fp32 loss). The Triton kernels
     accumulate in fp32 even for fp64 input, so there an fp64 result carries fp32 accuracy."""
-    for t in tensors:  # reference.compute_dtype's rule, as a loop: this runs on every call
-        if t is not None and t.dtype == torch.float64:
-            return torch.float64
-    return torch.float32
+    return reference.compute_dtype(*tensors)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -46,9 +46,13 @@ __all__ = [
 ]
 
 
-def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """fp64 if any input is fp64, else fp32: the reference never does math in half precision."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """fp64 if any input is fp64, else fp32 (``None`` entries are skipped): the reference never does math
+    in half precision. A plain loop: the fused losses ask this on every call."""
+    for t in tensors:
+        if t is not None and t.dtype == torch.float64:
+            return torch.float64
+    return torch.float32
 
 
 def pair_errors(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ def cpp_pair_loss(loss, model_pred, ref_pred, target, ref_err, *, beta, c0, c1, 
     :func:`fastpref.ops.library.triton_pair_loss` (errors: ``(2, 2B)`` = e_θ, e_ref; e_ref = 0 for
     the reference-free losses). ``beta, c0, c1``: :func:`fastpref.ops.family.kernel_scalars`."""
     if target.dtype != model_pred.dtype or (ref_pred is not None and ref_pred.dtype != model_pred.dtype):
-        dt = compute_dtype(*(t for t in (model_pred, ref_pred, target) if t is not None))
+        dt = compute_dtype(model_pred, ref_pred, target)
         model_pred, target = model_pred.to(dt), target.to(dt)
         ref_pred = None if ref_pred is None else ref_pred.to(dt)
     if ref_pred is None and ref_err is None:  # reference-free (mapo, orpo): e_ref reads as 0
