@@ -6,7 +6,9 @@ For each case (``dmpo_loss`` with ``ref_pred`` and a full target, forward + back
 run one after the other inside every round — ``copy`` (``dst.copy_(src)`` of the op's 6N·s bytes:
 3N·s read + 3N·s written, the machine's streaming rate right now), ``compile`` (``torch.compile`` of
 the eager reference), ``fastpref`` (the C++ op) — so a load spike from other processes hits every
-provider of a round alike; the table gives medians over rounds of wall and process CPU time, the
+provider of a round alike. Each provider's step ends by dropping its own gradient (``model.grad =
+None``, as ``zero_grad(set_to_none=True)`` in a loop), so it pays for freeing what it allocated and
+never for what the provider before it left behind; the table gives medians over rounds of wall and process CPU time, the
 op's bandwidth as % of the copy's, and its speed-up over compile. The machine is shared: read the
 ratios, and the load average printed with them, not the absolute times.
 
@@ -79,9 +81,9 @@ def run_case(name, dtype_name, rounds, log=print, threads=(1,), op=False):
     compiled = torch.compile(_eager, dynamic=False)
 
     def step(fn):
-        def go():
-            model.grad = None
+        def go():  # frees its own gradient, as zero_grad(set_to_none=True) does in a training loop
             fn(model, ref, target).backward()
+            model.grad = None
 
         return go
 

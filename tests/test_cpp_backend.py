@@ -22,6 +22,7 @@ from test_validation import BAD_CALLS
 import fastpref
 from fastpref import reference
 from fastpref.ops import extension
+from fastpref.ops.family import REDUCTION_IDS
 
 pytestmark = pytest.mark.skipif(
     not extension.available(), reason=f"the C++ extension could not be built: {extension.unavailable_reason()}"
@@ -94,6 +95,34 @@ def test_one_and_two_threads_bit_identical(dtype, shared):
         torch.set_num_threads(before)
     for a, b in zip(results[1], results[2]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("big", [False, True], ids=["cached_stores", "streaming_stores"])
+def test_bf16_gradient_rounds_to_nearest_even_like_torch(big, one_torch_thread):
+    """The bf16 gradient is c·(model − target) computed in fp32 and rounded once, to nearest, ties to
+    even, NaN kept — bit for bit what ``.to(torch.bfloat16)`` gives. c = 1 exactly (sum reduction,
+    D = 64 per row → coef 2/64, dl_de = 32), and every difference is an exact tie between two bf16
+    values (2^e·(1 + k/128 + 1/256)), so truncation, ties away from zero and a permuted pack all
+    differ from it. ``big``: a ≥ 32 MiB gradient, written with streaming stores."""
+    g = torch.Generator().manual_seed(64)
+    rows, D = (2 * 131_072 if big else 2 * 5), 64  # 2·131072·64 bf16 = 32 MiB
+    k = torch.randint(0, 128, (rows, D), generator=g).double()
+    e = torch.randint(-12, 12, (rows, D), generator=g).double()
+    sign = torch.randint(0, 2, (rows, D), generator=g).double() * 2 - 1
+    model = (sign * 2**e * (1 + k / 128)).to(torch.bfloat16)
+    target = (-sign * 2 ** (e - 8)).to(torch.bfloat16)
+    model[0, 3] = model[1, 17] = float("nan")
+    diff = model.float() - target.float()
+    finite = ~diff.isnan()
+    assert torch.equal(diff.double()[finite], (sign * 2**e * (1 + k / 128 + 1 / 256))[finite])  # exact ties
+    want = diff.to(torch.bfloat16)
+    assert torch.all(want.double()[finite] != diff.double()[finite])  # so every finite element rounds
+    dl_de = torch.full((rows,), 32.0)
+    got = torch.ops.fastpref.pair_loss_bwd(torch.ones(()), model, target, dl_de, REDUCTION_IDS["sum"])
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got.isnan(), want.isnan()) and want.isnan().sum() == 2
+    ok = ~want.isnan()
+    assert torch.equal(got[ok].view(torch.int16), want[ok].view(torch.int16))
 
 
 @pytest.mark.parametrize("fn", [fastpref.dpo_loss, fastpref.dmpo_loss], ids=["dpo", "dmpo"])

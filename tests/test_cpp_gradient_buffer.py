@@ -16,9 +16,10 @@ def _grad(model, ref, target):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_held_gradient_is_never_overwritten_and_a_freed_one_is_reused(dtype, one_torch_thread):
+@pytest.mark.parametrize("shape", [(4, 4, 64, 64), (4, 16, 128, 256)], ids=["128KiB", "4MiB"])
+def test_held_gradient_is_never_overwritten_and_a_freed_one_is_reused(dtype, shape, one_torch_thread):
+    """Gradients of 128 KiB (bf16; 256 KiB fp32: the reuse threshold) and of 4 / 8 MiB."""
     g = torch.Generator().manual_seed(16)
-    shape = (4, 16, 128, 256)  # a gradient of 4 MiB (bf16) or 8 MiB (fp32): at or above the reuse threshold
     target = torch.randn(shape, generator=g).to(dtype)
     ref = (target.float() + torch.randn(shape, generator=g)).to(dtype)
     model_a = (ref.float() + 0.3 * torch.randn(shape, generator=g)).to(dtype).requires_grad_(True)
