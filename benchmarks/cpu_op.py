@@ -8,7 +8,11 @@ run one after the other inside every round — ``copy`` (``dst.copy_(src)`` of t
 the eager reference), ``fastpref`` (the C++ op) — so a load spike from other processes hits every
 provider of a round alike. Each provider's step ends by dropping its own gradient (``model.grad =
 None``, as ``zero_grad(set_to_none=True)`` in a loop), so it pays for freeing what it allocated and
-never for what the provider before it left behind; the table gives medians over rounds of wall and process CPU time, the
+never for what the provider before it left behind (measured: freeing ``torch.compile``'s fresh 32 MiB
+bf16 gradient at SD3×32 cost the next provider ~3 ms). Before each timed call a small add on every
+intra-op thread wakes the thread pool, untimed, as the model's own ops leave it in a training step:
+waking a pool thread that has gone to sleep cost ~0.1 ms per two-thread forward + backward (two
+parallel regions) at SD1.5×16 on the 2-vCPU VM, which would otherwise land on the timed call; the table gives medians over rounds of wall and process CPU time, the
 op's bandwidth as % of the copy's, and its speed-up over compile. The machine is shared: read the
 ratios, and the load average printed with them, not the absolute times.
 
@@ -63,7 +67,11 @@ def _fastpref(model, ref, target):
     return fastpref.dmpo_loss(model, ref, target, beta=5000.0, alpha=0.01, backend="cpu")
 
 
+_POOL = torch.zeros(1 << 18)  # 1 MiB: above ATen's grain size, so add_ runs on every intra-op thread
+
+
 def _timed(fn):
+    _POOL.add_(1.0)  # wake the intra-op threads (untimed), as the model's own ops leave them in training
     c, w = time.process_time(), time.perf_counter()
     fn()
     return time.perf_counter() - w, time.process_time() - c
