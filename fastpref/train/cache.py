@@ -437,6 +437,17 @@ def weight_dtype(mixed_precision: str) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
+def vae_dtype(vae, mixed_precision: str) -> torch.dtype:
+    """The VAE's dtype under ``--mixed_precision``: that of the other frozen parts, except under fp16 when
+    the VAE's config sets ``force_upcast`` (the SD 1.5, SDXL, SD3 and Flux VAEs; ``madebyollin/sdxl-vae-fp16-fix``
+    clears it): then fp32, because their activations overflow fp16 — the rule diffusers' pipelines apply
+    before decoding and its SDXL training scripts apply to the whole VAE. bf16 has fp32's range: no upcast."""
+    dtype = weight_dtype(mixed_precision)
+    if dtype == torch.float16 and getattr(getattr(vae, "config", None), "force_upcast", False):
+        return torch.float32
+    return dtype
+
+
 def latent_cache_for_run(cfg, model, dataset, rows, device, *, build: bool = True, wait=None) -> LatentCache:
     """``--cache_latents``: open ``latents-<fingerprint>.safetensors`` in ``--latent_cache_dir`` (default
     ``OUTPUT_DIR/cache``), building it first (with a progress bar) if it is not there and ``build``
@@ -507,8 +518,9 @@ def _precompute_for_run(args) -> None:
     dtype = weight_dtype(cfg.mixed_precision)
     for m in [*model.frozen_modules(), model.denoiser]:  # as the run places them (its reference: in the run's dtype)
         m.requires_grad_(False).eval().to(args.device)
-        if dtype != torch.float32:
-            m.to(dtype)
+        m_dtype = vae_dtype(m, cfg.mixed_precision) if m is model.vae else dtype
+        if m_dtype != torch.float32:
+            m.to(m_dtype)
     latents = None
     if cfg.cache_latents:
         latents = latent_cache_for_run(cfg, model, dataset, rows, args.device)

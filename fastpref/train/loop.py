@@ -26,7 +26,7 @@ import torch
 
 from fastpref.reference import pair_errors
 from fastpref.stats import implicit_accuracy
-from fastpref.train.cache import collate_cached, encode, latent_cache_for_run, ref_cache_for_run
+from fastpref.train.cache import collate_cached, encode, latent_cache_for_run, ref_cache_for_run, vae_dtype
 from fastpref.train.cache import weight_dtype as frozen_dtype
 from fastpref.train.checkpoint import load_checkpoint, register_model_hooks, save_checkpoint
 from fastpref.train.config import TrainConfig
@@ -260,7 +260,7 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
         return module.to(dtype) if dtype != torch.float32 else module
 
     for m in model.frozen_modules():
-        place(m.requires_grad_(False).eval(), weight_dtype)
+        place(m.requires_grad_(False).eval(), vae_dtype(m, accelerator.mixed_precision) if m is model.vae else weight_dtype)
 
     denoiser = model.denoiser
     if cfg.is_lora:

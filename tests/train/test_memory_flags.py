@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fastpref.train import TrainConfig, compute_loss, train
-from fastpref.train.cache import latents_fingerprint, precompute
+from fastpref.train.cache import latents_fingerprint, precompute, vae_dtype, weight_dtype
 from fastpref.train.config import build_parser, config_from_dict, load_toml
 from fastpref.train.data import SyntheticPreferences, collate_pairs
 from fastpref.train.memory import BITSANDBYTES_MISSING, apply_allow_tf32, build_optimizer, enable_gradient_checkpointing
@@ -352,3 +352,17 @@ def test_frozen_copy_of_a_checkpointed_policy_is_not_checkpointed(tiny):
     enable_gradient_checkpointing(model.denoiser)
     mode = make_reference("copy", model)
     assert model.denoiser.is_gradient_checkpointing and not mode.frozen.is_gradient_checkpointing
+
+
+def test_vae_stays_fp32_under_fp16_when_its_config_asks():
+    """Under --mixed_precision fp16 a VAE with ``force_upcast`` (the default of diffusers' AutoencoderKL and
+    of the SD/SDXL/SD3/Flux VAE configs) is kept in fp32; one that clears it (the SDXL fp16-fix VAE) and
+    every VAE under bf16 take the frozen parts' dtype."""
+    vae = _vae(1)
+    assert vae.config.force_upcast
+    assert vae_dtype(vae, "fp16") == torch.float32
+    assert vae_dtype(vae, "bf16") == torch.bfloat16
+    assert vae_dtype(vae, "no") == torch.float32
+    vae.register_to_config(force_upcast=False)
+    assert vae_dtype(vae, "fp16") == torch.float16
+    assert weight_dtype("fp16") == torch.float16  # the text encoders' dtype is unchanged
