@@ -99,6 +99,23 @@ def compute_loss(model: DiffusionModel, policy, reference, objective, batch: dic
     return StepOutput(loss, stats, model_pred.detach(), ref, noised.target, noised.timesteps, len(batch["index"]))
 
 
+def _reduce_stat_means(pending: list, accelerator, device) -> dict[str, float]:
+    """The logged statistics of an update: the mean over every process's readable micro-batches of their
+    batch means (``pending``: ``(stats, readable)`` per micro-batch; a stand-in micro-batch is not
+    counted, but every process reduces every statistic, so none waits for another). NaN when no process
+    had a readable micro-batch."""
+    if not pending:
+        return {}
+    weight = torch.tensor([1.0 if readable else 0.0 for _, readable in pending], device=device)
+    count = accelerator.reduce(weight.sum(), "sum")
+    out = {}
+    for k in pending[0][0]:
+        v = torch.stack([stats[k].to(device) for stats, _ in pending])
+        total = accelerator.reduce(torch.where(weight > 0, v, torch.zeros_like(v)).sum(), "sum")
+        out[k] = (total / count).item() if count > 0 else float("nan")
+    return out
+
+
 def _stat_means(out: StepOutput) -> dict[str, torch.Tensor]:
     """Batch means of the loss's stats, as detached device tensors (synchronised only when logged)."""
     values = {"loss": out.loss.detach().float()}
@@ -356,6 +373,34 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
         if accelerator.is_main_process:
             tqdm.write(msg)
 
+    def merge_corrupt() -> None:
+        """Every process's unreadable rows into each one's count (a collective: called where all processes
+        are, before a log line, a checkpoint and the end), so the count is the job's, each row once."""
+        if world > 1:
+            from accelerate.utils import gather_object
+
+            for i in gather_object([sorted(corrupt_rows)]):
+                for row in i:
+                    corrupt_rows.setdefault(int(row), "")
+
+    stand_in_batch: dict | None = None
+
+    def stand_in(epoch: int) -> dict:
+        """A readable micro-batch for a process whose every image of this one was unreadable: the first
+        readable training row, run at zero weight. With several processes, each one must run the step's
+        forward and backward — DDP's gradient buckets, KTO's all-reduce of z and RPO's gathers are
+        collectives that the other processes would otherwise wait on forever."""
+        nonlocal stand_in_batch
+        if stand_in_batch is None:
+            for i in train_idx:
+                candidate = collate([source[i]])
+                if len(candidate["index"]):
+                    stand_in_batch = candidate
+                    break
+            else:
+                raise ValueError("no training pair is readable: every image of the training rows failed to load")
+        return {**stand_in_batch, "epoch": epoch}
+
     def note_corrupt(found: dict) -> None:
         """Count each unreadable row once (epochs re-read it) and say where the first few are."""
         for i, where in found.items():
@@ -429,7 +474,7 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
     first_epoch = global_step // updates_per_epoch
     resume_batches = (global_step % updates_per_epoch) * cfg.gradient_accumulation_steps
     progress = tqdm(total=cfg.max_train_steps, initial=global_step, desc="steps", disable=not accelerator.is_main_process)
-    pending: list[dict] = []
+    pending: list[tuple[dict, bool]] = []  # (batch means of the stats, whether the micro-batch was readable)
     pairs_in_update, t_update = 0, time.perf_counter()
     epoch = first_epoch
     while global_step < cfg.max_train_steps:
@@ -442,14 +487,14 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
             note_corrupt(batch["corrupt"])
             batch["epoch"] = epoch  # the reference-error cache is per (pair, epoch)
             with accelerator.accumulate(denoiser):
-                if not len(batch["index"]):  # every image of the micro-batch was unreadable
-                    loss = sum(p.sum() * 0.0 for p in params)  # keeps DDP's collectives in step
-                    out = None
-                else:
-                    out = compute_loss(model, denoiser, reference, objective, batch, cfg, accelerator, clip=clip,
-                                       tau=tau, group=group, dro=dro)
-                    loss = out.loss
-                    pending.append(_stat_means(out))
+                readable = len(batch["index"]) > 0
+                if not readable:  # every image of the micro-batch was unreadable: the same step on a readable
+                    batch = stand_in(epoch)  # pair, at zero weight (its gradient is 0, its stats not logged)
+                out = compute_loss(model, denoiser, reference, objective, batch, cfg, accelerator, clip=clip,
+                                   tau=tau, group=group, dro=dro)
+                loss = out.loss if readable else out.loss * 0.0
+                pending.append((_stat_means(out), readable))
+                if readable:
                     pairs_in_update += out.num_pairs
                     if on_step is not None:
                         on_step(global_step + 1, out)
@@ -468,8 +513,8 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
                 dro.after_optimizer_step(global_step, accelerator.unwrap_model(denoiser))
             progress.update(1)
             if global_step % cfg.logging_steps == 0 or global_step == cfg.max_train_steps:
-                means = {k: torch.stack([p[k] for p in pending]).mean() for k in (pending[0] if pending else {})}
-                means = {k: accelerator.reduce(v.to(device), "mean").item() for k, v in means.items()}
+                merge_corrupt()
+                means = _reduce_stat_means(pending, accelerator, device)
                 pairs = accelerator.reduce(torch.tensor(float(pairs_in_update), device=device), "sum").item()
                 dt = time.perf_counter() - t_update
                 row = {**means, "grad_norm": float(grad_norm) if grad_norm is not None else None,
@@ -482,6 +527,7 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
                                          acc=f"{row.get('implicit_accuracy', float('nan')):.2f}")
             pending, pairs_in_update, t_update = [], 0, time.perf_counter()
             if global_step % cfg.checkpointing_steps == 0:
+                merge_corrupt()
                 save_checkpoint(accelerator, cfg.output_dir, global_step,
                                 {**resume_must_match, "seed": cfg.seed, "corrupt_images": len(corrupt_rows),
                                  "corrupt_rows": sorted(corrupt_rows)},
@@ -498,6 +544,7 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
     if not (cfg.validation_steps and global_step % cfg.validation_steps == 0):
         evaluate(global_step)
     result.global_step = global_step
+    merge_corrupt()
     if corrupt_rows:
         result.data_skipped["corrupt_image"] = len(corrupt_rows)
     if accelerator.is_main_process:
