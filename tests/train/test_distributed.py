@@ -8,26 +8,16 @@ per batch. Which process writes what is tested in test_launch.py and test_distri
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import subprocess
-import sys
-
 
 import pytest
 import torch
 
-from _runs import free_port, train_rows
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _runs import torchrun_two, train_rows, worker_module
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-_spec = importlib.util.spec_from_file_location("_distributed_worker",
-                                               os.path.join(ROOT, "tests", "train", "_distributed_worker.py"))
-worker = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(worker)
+worker = worker_module("_distributed_worker")
 
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -46,13 +36,7 @@ def test_two_processes_train_what_one_process_trains_on_the_global_batch(tmp_pat
     the steps the weights differ by ≤ steps·lr·ρ/4 plus their own rounding. z is a mean of
     e_ref − e_θ: ≤ 8·eps·max e apart."""
     two, one = tmp_path / "two", tmp_path / "one"
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    env.pop("WORLD_SIZE", None)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(free_port()),
-                           os.path.join(ROOT, "tests", "train", "_distributed_worker.py"), str(two)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    torchrun_two("_distributed_worker", two)
     worker.train_all(str(one), 2 * worker.PAIRS_PER_PROCESS)
 
     for loss in worker.RUNS:  # a run's name (its loss, or kto_unpaired)

@@ -10,36 +10,23 @@ a process that resumed out of step with the other would hang or change the numbe
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from _runs import free_port, train_rows
+from _runs import torchrun_two, train_rows, worker_module
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-WORKER = os.path.join(ROOT, "tests", "train", "_distributed_resume_worker.py")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-_spec = importlib.util.spec_from_file_location("_distributed_resume_worker", WORKER)
-worker = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(worker)
+worker = worker_module("_distributed_resume_worker")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU-less launch path: gloo processes on the CPU")
 def test_two_process_resume_repeats_the_uninterrupted_run_and_only_process_0_writes(tmp_path):
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    env.pop("WORLD_SIZE", None)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(free_port()), WORKER, str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    torchrun_two("_distributed_resume_worker", tmp_path)
     rec = {(name, r): json.loads((tmp_path / f"{name}-rank{r}.json").read_text())
            for name in ("straight", "stopped", "resumed") for r in (0, 1)}
     steps, stop = worker.STEPS, worker.STOP

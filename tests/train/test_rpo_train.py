@@ -6,8 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -25,8 +23,6 @@ from fastpref.train.reference import make_reference
 pytest.importorskip("open_clip")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-WORKER = os.path.join(ROOT, "tests", "train", "_rpo_launch_worker.py")
 
 
 def _rows(path) -> list[dict]:
@@ -169,17 +165,10 @@ def test_help_and_the_loss_error_list_rpo_and_orrpo():
 def test_rpo_two_processes_train_on_the_global_batch(tmp_path):
     """2 processes × 2 pairs take the step of 1 process × 4 pairs: same logged loss and gradient norm and
     the same weights — the weight matrix spans both processes' pairs, and the update is the global loss's."""
-    from tests.train.test_launch import free_port
+    from _runs import torchrun_two, worker_module
 
-    sys.path.insert(0, os.path.dirname(WORKER))
-    import _rpo_launch_worker
-
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    env.pop("WORLD_SIZE", None)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(free_port()), WORKER, str(tmp_path / "two"),
-                           str(tmp_path / "rec2"), "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    _rpo_launch_worker = worker_module("_rpo_launch_worker")
+    torchrun_two("_rpo_launch_worker", tmp_path / "two", tmp_path / "rec2", 2)
     _rpo_launch_worker.run(str(tmp_path / "one"), str(tmp_path / "rec1"), 4)
 
     two, one = (_rows(tmp_path / d / "logs" / "train.csv")[0] for d in ("two", "one"))

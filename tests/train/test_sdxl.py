@@ -20,7 +20,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from fastpref.train import parse_args, train
-from fastpref.train.cache import LatentCache, collate_cached, encode, latents_fingerprint, precompute
+from fastpref.train.cache import LatentCache, collate_cached, encode, latents_fingerprint
 from fastpref.train.data import SyntheticPreferences, build_dataset, collate_pairs
 from fastpref.train.models import build_tiny_model, load_model, save_model
 from fastpref.train.noise import noise_pairs

@@ -9,25 +9,16 @@ micro-batch made unreadable (tests/train/_unreadable_worker.py).
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from _runs import free_port, train_rows
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _runs import torchrun_two, train_rows, worker_module
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-_spec = importlib.util.spec_from_file_location("_unreadable_worker",
-                                               os.path.join(ROOT, "tests", "train", "_unreadable_worker.py"))
-worker = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(worker)
+worker = worker_module("_unreadable_worker")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU-less launch path: gloo processes on the CPU")
@@ -38,13 +29,7 @@ def test_a_process_with_an_unreadable_micro_batch_neither_hangs_nor_trains_on_it
     same B pairs at half the learning rate (DDP averages process 0's gradient with process 1's zero, and
     with Adam's ε ≫ |g| the step is linear in the gradient), to within fp32 rounding."""
     two = tmp_path / "two"
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    env.pop("WORLD_SIZE", None)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(free_port()),
-                           os.path.join(ROOT, "tests", "train", "_unreadable_worker.py"), str(two)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    torchrun_two("_unreadable_worker", two, timeout=300)
     for loss in worker.RUNS:
         rows = train_rows(two / loss)
         assert [int(r["step"]) for r in rows] == list(range(1, worker.STEPS + 1)), loss
