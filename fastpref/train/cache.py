@@ -521,6 +521,7 @@ def _precompute_for_run(args) -> None:
         m_dtype = vae_dtype(m, cfg.mixed_precision) if m is model.vae else dtype
         if m_dtype != torch.float32:
             m.to(m_dtype)
+    model.latents_dtype = dtype
     latents = None
     if cfg.cache_latents:
         latents = latent_cache_for_run(cfg, model, dataset, rows, args.device)

@@ -236,6 +236,9 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
         project_config=ProjectConfiguration(project_dir=cfg.output_dir),
     )
     device, world = accelerator.device, accelerator.num_processes
+    if device.type == "cpu" and accelerator.mixed_precision == "fp16":  # else: a dtype clash deep in the model
+        raise ValueError("--mixed_precision fp16 needs a GPU: on a CPU accelerate does not autocast to fp16, so the "
+                         "fp16 weights would meet fp32 activations; use --mixed_precision bf16 or no")
 
     # ---- data (refused here, before any model is loaded, when unusable) ----------------------------
     if dataset is None:
@@ -278,6 +281,7 @@ def train(cfg: TrainConfig, *, model: DiffusionModel | None = None, dataset=None
 
     for m in model.frozen_modules():
         place(m.requires_grad_(False).eval(), vae_dtype(m, accelerator.mixed_precision) if m is model.vae else weight_dtype)
+    model.latents_dtype = weight_dtype  # what the VAE hands on, whatever dtype it runs in
 
     denoiser = model.denoiser
     if cfg.is_lora:

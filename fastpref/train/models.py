@@ -71,6 +71,7 @@ class DiffusionModel:
     guidance_scale: float = 3.5  # Flux's distilled guidance embedding (train_dreambooth_lora_flux.py's default)
     sample_size: int | None = None  # latent size when the denoiser's config has none (Flux)
     vae_encode_batch_size: int | None = None  # images per VAE encode call (None: all at once)
+    latents_dtype: torch.dtype | None = None  # encoded latents cast to this (None: the VAE's dtype)
 
     def options(self) -> dict:
         """The :func:`load_model` keywords that reproduce this model's settings."""
@@ -157,8 +158,9 @@ class DiffusionModel:
         """Pixels (N, C, H, W) in [−1, 1] → scaled latents: ``(mean + std·z − shift)·scale`` with ``z`` of
         image k drawn from the CPU generator ``generators[k]`` (so the sample does not depend on the
         device or on which other images are encoded with it). The VAE sees ``vae_encode_batch_size``
-        images per call (diffusers' ``--vae_encode_batch_size``: bounds its activation memory). No VAE: the
-        pixels themselves."""
+        images per call (diffusers' ``--vae_encode_batch_size``: bounds its activation memory). The result is
+        cast to ``latents_dtype`` when set (the run's weight dtype: a VAE kept in fp32 under fp16 still hands
+        the denoiser fp16 latents, as diffusers' SDXL scripts do). No VAE: the pixels themselves."""
         if self.vae is None:
             return pixels
         chunk = self.vae_encode_batch_size or pixels.shape[0]
@@ -168,7 +170,8 @@ class DiffusionModel:
         z = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in generators])
         latents = mean + std * z.to(mean.device, mean.dtype)
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return (latents - shift) * self.vae.config.scaling_factor
+        latents = (latents - shift) * self.vae.config.scaling_factor
+        return latents if self.latents_dtype is None else latents.to(self.latents_dtype)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

@@ -359,6 +359,27 @@ def test_bf16_mixed_precision_lora_step(tmp_path):
     assert all(torch.isfinite(torch.tensor(float(r["loss"]))) for r in rows)
 
 
+def test_fp16_mixed_precision_on_a_cpu_is_one_clear_error(tmp_path):
+    """accelerate does not autocast to fp16 on a CPU, so fp16 weights would meet fp32 activations deep in the
+    denoiser: refused before any model is loaded."""
+    cfg = run_config(tmp_path, mixed_precision="fp16")
+    with pytest.raises(ValueError, match="--mixed_precision fp16 needs a GPU"):
+        train(cfg, model=None)
+
+
+def test_latents_are_handed_on_in_the_run_dtype_whatever_the_vae_runs_in(request):
+    """A VAE kept in fp32 (fp16 runs, ``force_upcast``) still hands the denoiser latents in the run's dtype, as
+    diffusers' SDXL scripts cast them; the values are the fp32 VAE's, rounded once."""
+    model = request.getfixturevalue("tiny")(vae=True)  # tests/train/conftest.py's latent tiny model
+    pixels = torch.rand(2, 3, 16, 16) * 2 - 1
+    gens = lambda: [torch.Generator().manual_seed(k) for k in range(2)]  # noqa: E731
+    full = model.encode_images(pixels, gens())
+    assert full.dtype == torch.float32
+    model.latents_dtype = torch.float16
+    half = model.encode_images(pixels, gens())
+    assert half.dtype == torch.float16 and torch.equal(half, full.half())
+
+
 def test_help_lists_the_diffusers_flags(capsys):
     from fastpref.train import main
 
