@@ -15,49 +15,16 @@ import json
 import os
 import sys
 
-import safetensors.torch
 import torch
 
 from fastpref.train import TrainConfig, train
 from fastpref.train.data import SyntheticPreferences
 from fastpref.train.models import build_tiny_model
 
+from _runs import WriteAudit
+
 STEPS, STOP = 3, 1  # 8 training pairs, 2 per process: 2 steps an epoch; the resume crosses into epoch 1
-written: list[str] = []
-output_dir = ""
-
-
-def _under_output(path) -> str | None:
-    if isinstance(path, int) or not output_dir:
-        return None
-    full = os.path.abspath(os.fsdecode(path))
-    return os.path.relpath(full, output_dir) if full.startswith(output_dir + os.sep) else None
-
-
-def audit(event: str, args) -> None:
-    """Python's audit hooks see every open(), rename and removal: keep the writes under output_dir."""
-    if event == "open":
-        path, mode, flags = args
-        writes = any(c in mode for c in "wax+") if isinstance(mode, str) else bool(flags & (os.O_WRONLY | os.O_RDWR))
-    elif event in ("os.rename", "os.remove", "shutil.rmtree"):
-        path, writes = args[0], True
-    else:
-        return
-    rel = _under_output(path) if writes else None
-    if rel is not None:
-        written.append(rel)
-
-
-def recording(save, path_arg: int):
-    """safetensors (Rust) and torch.save (C++ zip writer) open their files out of the audit hook's sight."""
-
-    def wrapper(*args, **kwargs):
-        rel = _under_output(args[path_arg]) if isinstance(args[path_arg], (str, os.PathLike)) else None
-        if rel is not None:
-            written.append(rel)
-        return save(*args, **kwargs)
-
-    return wrapper
+audit = WriteAudit()  # installed in __main__: the writes under the current run's output folder
 
 
 def config(out: str, steps: int, resume: bool) -> TrainConfig:
@@ -68,9 +35,8 @@ def config(out: str, steps: int, resume: bool) -> TrainConfig:
 
 
 def run(record_dir: str, name: str, out: str, steps: int, resume: bool) -> None:
-    global output_dir
     rank = int(os.environ["RANK"])
-    output_dir, written[:] = out, []
+    audit.root, audit.written = out, []
     losses: dict[int, float] = {}
     model = build_tiny_model(sample_size=8)
     forwards = []  # training and evaluation: under FSDP every rank must run each forward
@@ -78,10 +44,10 @@ def run(record_dir: str, name: str, out: str, steps: int, resume: bool) -> None:
     cfg = config(out, steps, resume)
     train(cfg, model=model, dataset=SyntheticPreferences(size=cfg.synthetic_size, resolution=8, seed=cfg.seed),
           on_step=lambda step, result: losses.__setitem__(step, result.loss.item()))
-    output_dir = ""
+    audit.root = ""
     save(os.path.join(record_dir, f"{name}-rank{rank}.pt"), model)
     with open(os.path.join(record_dir, f"{name}-rank{rank}.json"), "w") as fh:
-        json.dump({"losses": losses, "forwards": len(forwards), "written": sorted(set(written))}, fh)
+        json.dump({"losses": losses, "forwards": len(forwards), "written": sorted(set(audit.written))}, fh)
 
 
 def save(path: str, model) -> None:
@@ -90,9 +56,7 @@ def save(path: str, model) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    sys.addaudithook(audit)
-    safetensors.torch.save_file = recording(safetensors.torch.save_file, 1)
-    torch.save = recording(torch.save, 1)
+    audit.install()
     record = os.path.abspath(sys.argv[1])
     os.makedirs(record, exist_ok=True)
     run(record, "straight", os.path.join(record, "straight"), STEPS, resume=False)

@@ -10,55 +10,16 @@ import json
 import os
 import sys
 
-import safetensors.torch
 import torch
 
 from fastpref.train import TrainConfig, train
 from fastpref.train.data import SyntheticPreferences
 from fastpref.train.models import build_tiny_model
 
+from _runs import WriteAudit
+
 output_dir, record_dir = (os.path.abspath(p) for p in sys.argv[1:3])
-written: list[str] = []
-
-
-def _under_output(path) -> str | None:
-    if isinstance(path, int):
-        return None
-    full = os.path.abspath(os.fsdecode(path))
-    return os.path.relpath(full, output_dir) if full.startswith(output_dir + os.sep) else None
-
-
-def audit(event: str, args) -> None:
-    """Python's audit hooks see every open(), rename, removal: keep the writes under output_dir."""
-    if event == "open":
-        path, mode, flags = args
-        writes = any(c in mode for c in "wax+") if isinstance(mode, str) else bool(flags & (os.O_WRONLY | os.O_RDWR))
-    elif event in ("os.rename", "os.remove", "shutil.rmtree"):
-        path, writes = args[0], True
-    else:
-        return
-    rel = _under_output(path) if writes else None
-    if rel is not None:
-        written.append(rel)
-
-
-sys.addaudithook(audit)
-
-
-def recording(save, path_arg: int):
-    """safetensors (Rust) and torch.save (C++ zip writer) open their files out of the audit hook's sight."""
-
-    def wrapper(*args, **kwargs):
-        rel = _under_output(args[path_arg]) if isinstance(args[path_arg], (str, os.PathLike)) else None
-        if rel is not None:
-            written.append(rel)
-        return save(*args, **kwargs)
-
-    return wrapper
-
-
-safetensors.torch.save_file = recording(safetensors.torch.save_file, 1)
-torch.save = recording(torch.save, 1)
+audit = WriteAudit(output_dir).install()
 
 
 class RecordingPreferences(SyntheticPreferences):
@@ -90,4 +51,4 @@ rank = int(os.environ["RANK"])
 os.makedirs(record_dir, exist_ok=True)
 with open(os.path.join(record_dir, f"rank-{rank}.json"), "w") as fh:
     json.dump({"world_size": int(os.environ["WORLD_SIZE"]), "train_read": read_before_eval, "losses": losses,
-               "written": sorted(set(written)), "global_step": result.global_step}, fh)
+               "written": sorted(set(audit.written)), "global_step": result.global_step}, fh)

@@ -57,3 +57,51 @@ def torchrun_two(name: str, *args, timeout: int = 600) -> None:
                            "127.0.0.1", "--master_port", str(free_port()), worker_path(name), *map(str, args)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)  # fmt: skip
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+
+
+class WriteAudit:
+    """Every file this process writes, renames or removes under ``root`` (relative paths in ``written``), for
+    the multi-process workers' "only process 0 writes" checks. :meth:`install` (once per process) adds a
+    Python audit hook, which sees every ``open()``, rename and removal, and wraps ``torch.save`` and
+    safetensors' ``save_file``, whose C++/Rust writers open their files out of the hook's sight."""
+
+    def __init__(self, root: str = ""):
+        self.root = root
+        self.written: list[str] = []
+
+    def _under_root(self, path) -> str | None:
+        if isinstance(path, int) or not self.root:
+            return None
+        full = os.path.abspath(os.fsdecode(path))
+        return os.path.relpath(full, self.root) if full.startswith(self.root + os.sep) else None
+
+    def _audit(self, event: str, args) -> None:
+        if event == "open":
+            path, mode, flags = args
+            writes = any(c in mode for c in "wax+") if isinstance(mode, str) else bool(flags & (os.O_WRONLY | os.O_RDWR))
+        elif event in ("os.rename", "os.remove", "shutil.rmtree"):
+            path, writes = args[0], True
+        else:
+            return
+        rel = self._under_root(path) if writes else None
+        if rel is not None:
+            self.written.append(rel)
+
+    def _recording(self, save, path_arg: int):
+        def wrapper(*args, **kwargs):
+            path = args[path_arg]
+            rel = self._under_root(path) if isinstance(path, (str, os.PathLike)) else None
+            if rel is not None:
+                self.written.append(rel)
+            return save(*args, **kwargs)
+
+        return wrapper
+
+    def install(self) -> "WriteAudit":
+        import safetensors.torch
+        import torch
+
+        sys.addaudithook(self._audit)
+        safetensors.torch.save_file = self._recording(safetensors.torch.save_file, 1)
+        torch.save = self._recording(torch.save, 1)
+        return self
